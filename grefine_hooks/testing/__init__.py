@@ -7,10 +7,11 @@ code path as ViT-B-16.
 
 >>> from grefine_hooks.testing import FAMILIES, tiny_pipeline, tiny_clip
 >>> pipe = tiny_pipeline("sd15", seed=0)
+>>> image = pipe("a red book", **tiny_call_kwargs("sd15")).images[0]  # 64x64, two steps
 >>> model, preprocess, tokenizer = tiny_clip(seed=0)
 """
 
 from .clip import TINY_CLIP_NAME, save_tiny_clip, tiny_clip
-from .pipelines import FAMILIES, tiny_pipeline
+from .pipelines import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "TINY_CLIP_NAME", "save_tiny_clip", "tiny_clip", "tiny_pipeline"]
+__all__ = ["FAMILIES", "TINY_CLIP_NAME", "save_tiny_clip", "tiny_call_kwargs", "tiny_clip", "tiny_pipeline"]
