@@ -1,0 +1,318 @@
+"""QualityScorer: G-Refine's PQ-Map and AQ-Map from one CLIP image forward per batch."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .alignment import AlignmentQuality, AlignmentResult, PhraseScore
+from .images import as_image_list, to_rgb_tensor
+from .maps import upsample
+from .perceptual import (
+    FACTORS,
+    HANDWRITTEN_ALPHAS,
+    PerceptualQuality,
+    encode_handwritten_pairs,
+    load_handwritten_pairs,
+)
+from .prompt_tree import Phrase, load_tagger, parse_prompt
+from .surgery import check_surgery_support, encode_image_with_surgery
+
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class QualityReport:
+    """Everything the scorer knows about one image.
+
+    Attributes:
+        p (`float`): perceptual quality in [0, 1], 1 = good (eq. 3).
+        a (`float`): alignment with the prompt in [0, 1], 1 = good (eq. 8).
+        P (`torch.Tensor`): ``(H, W)`` perceptual quality map at the image's size, 1 = good.
+        A (`torch.Tensor`): ``(H, W)`` alignment map, 1 = region needing alignment work.
+        phrases (`list[PhraseScore]`): the prompt's noun phrases with scores and defects.
+        emphasized_prompt (`str`): the prompt with defective phrases emphasised (eq. 7).
+        factors (`dict[str, float]`): the four perceptual factor probabilities.
+        timings (`dict[str, float]`): seconds per step; steps shared by a batch are split evenly.
+    """
+
+    p: float
+    a: float
+    P: torch.Tensor
+    A: torch.Tensor
+    phrases: list[PhraseScore]
+    emphasized_prompt: str
+    factors: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, threshold: float = 0.5) -> dict[str, Any]:
+        """A JSON-ready digest: scores, phrases and how much of each map crosses ``threshold``."""
+        return {
+            "p": self.p,
+            "a": self.a,
+            "factors": self.factors,
+            "phrases": [vars(phrase) for phrase in self.phrases],
+            "emphasized_prompt": self.emphasized_prompt,
+            "maps": {
+                "size": list(self.P.shape),
+                "P_mean": float(self.P.mean()),
+                "P_low_share": float((self.P < threshold).float().mean()),
+                "A_mean": float(self.A.mean()),
+                "A_high_share": float((self.A > threshold).float().mean()),
+            },
+            "timings": self.timings,
+        }
+
+
+class _Stopwatch:
+    """Accumulates wall time per step, synchronising CUDA so asynchronous kernels are counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
+
+
+def load_clip(clip: str, pretrained: str | None) -> tuple[torch.nn.Module, Callable]:
+    """open_clip's own loader, with an actionable error when weights are not on disk."""
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(clip, pretrained=pretrained)
+    except RuntimeError as error:
+        if "not found in built-ins" in str(error):
+            raise ValueError(f"clip={clip!r} is not an open_clip model name: {error}") from error
+        raise OSError(
+            f"Could not load CLIP {clip!r} with pretrained={pretrained!r}: {error}\n"
+            "Without network access, provide the weights locally: on a connected machine run "
+            f"`python -c \"import open_clip; open_clip.create_model_and_transforms('{clip}', "
+            f"pretrained='{pretrained}')\"` and copy the Hugging Face cache (HF_HOME) over, or pass "
+            "pretrained='/path/to/open_clip_model.safetensors', or clip='local-dir:/path/to/folder'."
+        ) from error
+    return model, open_clip.get_tokenizer(clip)
+
+
+def _normalization(model: torch.nn.Module, preprocess: Callable | None) -> tuple[tuple, tuple]:
+    """Mean and std of the caller's transform if given, else of the model's own config."""
+    for transform in getattr(preprocess, "transforms", ()):
+        if hasattr(transform, "mean") and hasattr(transform, "std"):
+            return tuple(transform.mean), tuple(transform.std)
+    config = open_clip.get_model_preprocess_cfg(model)
+    return tuple(config.get("mean", _OPENAI_MEAN)), tuple(config.get("std", _OPENAI_STD))
+
+
+class QualityScorer:
+    """Scores images for perceptual quality and prompt alignment, with maps (G-Refine 3.1-3.2).
+
+    One CLIP image forward (with CLIP Surgery) per batch feeds both the PQ-Map and the AQ-Map;
+    the quality prompt pairs are encoded once, when the scorer is built.
+
+    Args:
+        clip (`str`, defaults to `"ViT-B-16"`): open_clip model name (or ``local-dir:`` folder).
+        pretrained (`str`, defaults to `"openai"`): open_clip weights tag or file path.
+        model (`torch.nn.Module`, *optional*): an already-built open_clip CLIP; ``clip`` and
+            ``pretrained`` are then not loaded. It is not modified, except that an explicit
+            ``device``/``dtype`` moves it with ``.to()``.
+        preprocess (*optional*): the model's open_clip transform; only its ``Normalize`` mean and
+            std are used, because images are resized whole (not centre-cropped) so that the maps
+            cover the full image.
+        tokenizer (*optional*): open_clip tokenizer; defaults to ``open_clip.get_tokenizer(clip)``.
+        device, dtype (*optional*): where to run; default to the model's own.
+        alphas (`tuple[float, float, float]`, *optional*): thresholds of the technical,
+            rationality and naturalness factors (eq. 3).
+        a_bound, beta (`float`, defaults to `0.5`): AQ-Map thresholds, see `AlignmentQuality`.
+        surgery_depth (`int`, *optional*): blocks with v-v attention; default half the tower.
+        tagger (`str`, defaults to `"ud-ewt"`): POS tagger for the prompt tree, see `load_tagger`.
+        max_phrases (`int`, defaults to `16`): phrases beyond this (in prompt order) are not scored,
+            which bounds the AQ cost of very long prompts.
+
+    >>> scorer = QualityScorer()  # ViT-B-16 / openai, weights from the local cache
+    >>> report = scorer.score(image, "a red book and a yellow vase")
+    >>> report.p, report.a, report.P.shape
+    """
+
+    def __init__(
+        self,
+        clip: str = "ViT-B-16",
+        pretrained: str | None = "openai",
+        *,
+        model: torch.nn.Module | None = None,
+        preprocess: Callable | None = None,
+        tokenizer: Callable | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        alphas: tuple[float, float, float] | None = None,
+        a_bound: float = 0.5,
+        beta: float = 0.5,
+        surgery_depth: int | None = None,
+        tagger: str = "ud-ewt",
+        max_phrases: int = 16,
+    ):
+        if max_phrases < 1:
+            raise ValueError(f"max_phrases must be at least 1, got {max_phrases}")
+        if model is None:
+            model, loaded_tokenizer = load_clip(clip, pretrained)
+            tokenizer = tokenizer or loaded_tokenizer
+        check_surgery_support(model.visual)
+        reference = next(model.parameters())
+        if device is not None or dtype is not None:
+            model.to(device=device or reference.device, dtype=dtype or reference.dtype)
+        self.model = model.eval()
+        self.tokenizer = tokenizer or open_clip.get_tokenizer(clip)
+        self.mean, self.std = _normalization(model, preprocess)
+        self.surgery_depth = surgery_depth
+        self.tagger = load_tagger(tagger)
+        self.max_phrases = max_phrases
+
+        pair_features = encode_handwritten_pairs(model, self.tokenizer, load_handwritten_pairs())
+        self.perceptual = PerceptualQuality(
+            pair_features.float(), alphas or HANDWRITTEN_ALPHAS, float(model.logit_scale.detach().exp())
+        )
+        self.alignment = AlignmentQuality(a_bound=a_bound, beta=beta)
+        self._empty_feature = self._encode_texts([""])[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float()
+
+    def _pixel_values(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = self.model.visual.image_size
+        resized = [
+            F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)
+            for image in images
+        ]
+        batch = torch.cat(resized).clamp(0.0, 1.0)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return ((batch - mean) / std).to(device=self.device, dtype=self.dtype)
+
+    def _parse(self, prompt: str | None) -> list[Phrase]:
+        return [] if prompt is None else parse_prompt(prompt, tagger=self.tagger)[: self.max_phrases]
+
+    def score(
+        self, images: Any, prompts: str | Sequence[str | None] | None = None
+    ) -> QualityReport | list[QualityReport]:
+        """Scores one image or a batch.
+
+        Args:
+            images: one image, a list of images, or a ``(B, ...)`` batch; see
+                :func:`~grefine_hooks.scoring.images.to_rgb_tensor` for accepted forms.
+            prompts: one prompt for all images or one per image. ``None`` scores perception only
+                (unconditional generation): then ``a = 1``, ``A = 0`` and there are no phrases.
+
+        Returns:
+            A `QualityReport` for a single image, else a list in input order.
+        """
+        image_list = as_image_list(images)
+        single = len(image_list) == 1 and image_list[0] is images
+        if not image_list:
+            raise ValueError("images must contain at least one image")
+        prompt_list = _as_prompt_list(prompts, len(image_list))
+        names = ["image"] if single else [f"images[{i}]" for i in range(len(image_list))]
+        tensors = [to_rgb_tensor(image, name) for image, name in zip(image_list, names)]
+        reports = self._score_tensors(tensors, prompt_list)
+        return reports[0] if single else reports
+
+    @torch.no_grad()
+    def _score_tensors(self, images: list[torch.Tensor], prompts: list[str | None]) -> list[QualityReport]:
+        watch = _Stopwatch(self.device)
+        with watch("image_forward"):
+            features = encode_image_with_surgery(self.model.visual, self._pixel_values(images), self.surgery_depth)
+            image_features = F.normalize(features.image.float(), dim=-1)
+            patch_features = F.normalize(features.patches.float(), dim=-1)
+        with watch("perceptual"):
+            perceptual = self.perceptual(features)
+        with watch("parse"):
+            phrase_lists = [self._parse(prompt) for prompt in prompts]
+        with watch("text_forward"):
+            texts = {prompt for prompt in prompts if prompt is not None}
+            texts.update(text for phrases in phrase_lists for ph in phrases for text in (ph.text, ph.noun))
+            ordered = sorted(texts)
+            encoded = self._encode_texts(ordered) if ordered else None
+            text_features = {text: encoded[i] for i, text in enumerate(ordered)}
+        with watch("alignment"):
+            alignments = [
+                self._align(image_features[i], patch_features[i], features.grid, prompt, phrases, text_features)
+                for i, (prompt, phrases) in enumerate(zip(prompts, phrase_lists))
+            ]
+
+        share = {step: seconds / len(images) for step, seconds in watch.seconds.items()}
+        share["total"] = sum(share.values())
+        reports = []
+        for i, (image, alignment) in enumerate(zip(images, alignments)):
+            size = tuple(image.shape[-2:])
+            reports.append(
+                QualityReport(
+                    p=float(perceptual.p[i]),
+                    a=alignment.a,
+                    P=upsample(perceptual.grid_map[i].cpu(), size),
+                    A=upsample(alignment.grid_map.cpu(), size),
+                    phrases=alignment.phrases,
+                    emphasized_prompt=alignment.emphasized_prompt,
+                    factors=dict(zip(FACTORS, perceptual.factors[i].tolist())),
+                    timings=dict(share),
+                )
+            )
+        return reports
+
+    def _align(
+        self,
+        image: torch.Tensor,
+        patches: torch.Tensor,
+        grid: tuple[int, int],
+        prompt: str | None,
+        phrases: list[Phrase],
+        text_features: dict[str, torch.Tensor],
+    ) -> AlignmentResult:
+        if prompt is None:
+            return AlignmentResult(1.0, torch.zeros(grid), [], "")
+        phrase_features = [text_features[ph.text] for ph in phrases]
+        noun_features = [text_features[ph.noun] for ph in phrases]
+        return self.alignment(
+            image,
+            patches,
+            grid,
+            prompt,
+            text_features[prompt],
+            phrases,
+            torch.stack(phrase_features) if phrases else None,
+            torch.stack(noun_features) if phrases else None,
+            self._empty_feature,
+        )
+
+
+def _as_prompt_list(prompts: str | Sequence[str | None] | None, count: int) -> list[str | None]:
+    """One checked prompt per image; empty or whitespace prompts are errors, not silent zeros."""
+    if prompts is None or isinstance(prompts, str):
+        prompt_list: list[str | None] = [prompts] * count
+    else:
+        prompt_list = list(prompts)
+        if len(prompt_list) != count:
+            raise ValueError(f"prompts has {len(prompt_list)} entries for {count} images")
+    for prompt in prompt_list:
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
+        if prompt is not None and not prompt.strip():
+            raise ValueError("prompt is empty or whitespace; pass None to score perception only")
+    return prompt_list

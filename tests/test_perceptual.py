@@ -1,0 +1,95 @@
+"""PQ-Map: the cask-effect combination (eq. 3) and the pair probabilities, on controlled values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grefine_hooks.scoring.perceptual import (
+    FACTORS,
+    PerceptualQuality,
+    cask_effect,
+    load_handwritten_pairs,
+)
+from grefine_hooks.scoring.surgery import SurgeryFeatures
+
+ALPHAS = torch.tensor([0.9, 0.5, 0.6])
+
+
+def test_factor_below_alpha_lowers_p():
+    overall = torch.tensor(0.8)
+    healthy = cask_effect(overall, torch.tensor([0.95, 0.7, 0.9]), ALPHAS)
+    lowered = cask_effect(overall, torch.tensor([0.95, 0.3, 0.9]), ALPHAS)
+    assert healthy == pytest.approx(0.8)
+    assert lowered == pytest.approx(0.8 * 0.3 / 0.5)
+    assert lowered < healthy
+
+
+def test_factor_above_alpha_does_not_raise_p():
+    overall = torch.tensor(0.7)
+    at_alpha = cask_effect(overall, torch.tensor([0.9, 0.5, 0.6]), ALPHAS)
+    above = cask_effect(overall, torch.tensor([0.99, 0.99, 0.99]), ALPHAS)
+    assert at_alpha == pytest.approx(0.7)
+    assert above == pytest.approx(0.7)
+
+
+def test_factor_at_half_its_alpha_halves_p():
+    """Each factor is divided by its own alpha (the reference code divided all by the first)."""
+    for i in range(3):
+        factors = ALPHAS.clone()
+        factors[i] = ALPHAS[i] / 2
+        assert cask_effect(torch.tensor(0.6), factors, ALPHAS) == pytest.approx(0.3)
+
+
+def test_cask_effect_broadcasts_over_maps():
+    overall = torch.full((2, 3), 0.5)
+    factors = torch.ones(2, 3, 3)
+    factors[0, 1, 2] = 0.3
+    result = cask_effect(overall, factors, ALPHAS)
+    assert result.shape == (2, 3)
+    assert result[0, 1] == pytest.approx(0.5 * 0.3 / 0.6)
+    assert (result.flatten()[[0, 2, 3, 4, 5]] == 0.5).all()
+
+
+def _head(dim: int = 8) -> tuple[PerceptualQuality, torch.Tensor]:
+    """Pair embeddings on orthogonal axes: factor f's positive = +e_f, negative = -e_f."""
+    axes = torch.eye(dim)[:4]
+    pairs = torch.stack([axes, -axes], dim=1)
+    return PerceptualQuality(pairs, (0.5, 0.5, 0.5), logit_scale=10.0), axes
+
+
+def test_pair_probability_follows_the_image_direction():
+    head, axes = _head()
+    good = F.normalize(axes.sum(0), dim=-1)
+    probabilities = head.factor_probabilities(good)
+    assert (probabilities > 0.5).all()
+    bad_technical = F.normalize(axes[0] - axes[1] + axes[2] + axes[3], dim=-1)
+    assert head.factor_probabilities(bad_technical)[1] < 0.5
+
+
+def test_map_is_low_where_a_factor_fails():
+    head, axes = _head()
+    good = F.normalize(axes.sum(0), dim=-1)
+    broken = F.normalize(axes[0] + axes[1] - axes[2] + axes[3], dim=-1)  # rationality fails
+    patches = good.repeat(1, 4, 1)
+    patches[0, 3] = broken
+    result = head(SurgeryFeatures(image=good[None], patches=patches, grid=(2, 2)))
+    assert result.grid_map.shape == (1, 2, 2)
+    assert result.grid_map[0, 1, 1] < result.grid_map[0, 0, 0]
+    assert result.p.shape == (1,) and 0 < float(result.p) <= 1
+    assert result.factors.shape == (1, 4)
+
+
+def test_handwritten_pairs_cover_every_factor():
+    pairs = load_handwritten_pairs()
+    assert list(pairs) == list(FACTORS)
+    assert all(positive and negative and positive != negative for positive, negative in pairs.values())
+
+
+@pytest.mark.parametrize(
+    "alphas, shape", [((0.5, 0.5), (4, 2, 8)), ((0.5, 0.0, 0.5), (4, 2, 8)), ((0.5, 0.5, 0.5), (3, 2, 8))]
+)
+def test_bad_head_arguments(alphas, shape):
+    with pytest.raises(ValueError, match="alphas|pair_features"):
+        PerceptualQuality(torch.zeros(shape), alphas, 10.0)
