@@ -1,0 +1,112 @@
+"""The ``grefine`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip", default="ViT-B-16", help="open_clip model name or local-dir:FOLDER")
+    parser.add_argument("--pretrained", default="openai", help="open_clip weights tag or file")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="CLIP dtype")
+
+
+def _default_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as error:
+        raise SystemExit(f"grefine score: cannot read image {path!r}: {error}") from error
+
+
+def _print_report(path: str, report) -> None:
+    print(f"{path}: p={report.p:.3f} a={report.a:.3f}")
+    factors = " ".join(f"{name}={value:.3f}" for name, value in report.factors.items())
+    print(f"  factors: {factors}")
+    for phrase in report.phrases:
+        defect = phrase.defect or "ok"
+        ancestor = f" <- {phrase.ancestor}" if phrase.ancestor else ""
+        print(
+            f"  phrase {phrase.text!r} (noun {phrase.noun!r}{ancestor}): "
+            f"a_noun={phrase.a_noun:.3f} a_phrase={phrase.a_phrase:.3f} [{defect}]"
+        )
+    if not report.phrases:
+        print("  phrases: none (no noun found; a is the whole prompt's alignment)")
+    print(f"  emphasized prompt: {report.emphasized_prompt!r}")
+
+
+def _save_maps(directory: Path, path: str, image: Image.Image, report) -> None:
+    from .visualize import overlay
+
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = Path(path).stem
+    overlay(image, report.P).save(directory / f"{stem}_P.png")
+    overlay(image, report.A).save(directory / f"{stem}_A.png")
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .scoring.scorer import QualityScorer
+
+    images = [_open_image(path) for path in args.images]
+    try:
+        scorer = QualityScorer(
+            args.clip,
+            args.pretrained,
+            device=_default_device(args.device),
+            dtype=_DTYPES.get(args.dtype),
+        )
+    except OSError as error:
+        print(f"grefine score: {error}", file=sys.stderr)
+        return 1
+    try:
+        reports = scorer.score(images, [args.prompt] * len(images))
+    except ValueError as error:
+        print(f"grefine score: {error}", file=sys.stderr)
+        return 2
+    if args.save_maps:
+        for path, image, report in zip(args.images, images, reports):
+            _save_maps(Path(args.save_maps), path, image, report)
+    if args.json:
+        print(json.dumps([{"image": path, **report.summary()} for path, report in zip(args.images, reports)], indent=2))
+    else:
+        for path, report in zip(args.images, reports):
+            _print_report(path, report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grefine", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score images against a prompt (PQ-Map, AQ-Map)")
+    score.add_argument("images", nargs="+", metavar="IMAGE")
+    score.add_argument("--prompt", required=True, help="the prompt the images were generated from")
+    score.add_argument("--json", action="store_true", help="print one JSON document")
+    score.add_argument("--save-maps", metavar="DIR", help="write P and A heat-map overlays as PNG")
+    _add_clip_arguments(score)
+    score.set_defaults(run=_score)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
