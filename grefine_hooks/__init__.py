@@ -1,3 +1,11 @@
-"""grefine-hooks: score every diffusers image as it is generated and refine only the bad ones."""
+"""grefine-hooks: score every diffusers image as it is generated and refine only the bad ones.
+
+The public API, re-exported; see README.md.
+"""
+
+from .scoring.prompt_tree import Phrase, parse_prompt
+from .scoring.scorer import QualityReport, QualityScorer
 
 __version__ = "0.1.0"
+
+__all__ = ["Phrase", "QualityReport", "QualityScorer", "parse_prompt"]

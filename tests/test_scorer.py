@@ -99,8 +99,11 @@ def test_loads_through_open_clip_from_a_local_folder(tiny_clip_parts, tmp_path, 
     assert loaded.score(image, PROMPT).p == pytest.approx(scorer.score(image, PROMPT).p, abs=1e-6)
 
 
-def test_missing_weights_offline_name_the_model_and_the_fix(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_weights_offline_name_the_model_and_the_fix(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(OSError, match="ViT-B-16") as error:
         QualityScorer("ViT-B-16", "openai")
     assert "pretrained=" in str(error.value) and "local-dir:" in str(error.value)
