@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import open_clip
@@ -13,6 +15,14 @@ import torch.nn.functional as F
 
 from .alignment import AlignmentQuality, AlignmentResult, PhraseScore
 from .images import as_image_list, to_rgb_tensor
+from .learned_prompts import (
+    RELEASED_ALPHAS,
+    RELEASED_PROMPTS_CLIP,
+    check_compatible,
+    encode_learned_pairs,
+    load_learned_prompts,
+    released_prompts_path,
+)
 from .maps import upsample
 from .perceptual import (
     FACTORS,
@@ -130,8 +140,15 @@ class QualityScorer:
             cover the full image.
         tokenizer (*optional*): open_clip tokenizer; defaults to ``open_clip.get_tokenizer(clip)``.
         device, dtype (*optional*): where to run; default to the model's own.
+        quality_prompts (`str` or `Path`, *optional*): the PQ-Map's prompts: ``"handwritten"``
+            (the antonym pairs in ``data/quality_prompts.json``) or a learned-prompts safetensors
+            file (``grefine train-prompts``). By default a scorer that loads ``ViT-B-16`` /
+            ``openai`` itself uses the authors' released learned prompts, which only mean
+            something with those weights; any other CLIP, or a ``model`` passed in, uses the
+            hand-written pairs.
         alphas (`tuple[float, float, float]`, *optional*): thresholds of the technical,
-            rationality and naturalness factors (eq. 3).
+            rationality and naturalness factors (eq. 3); default: the file's ``alphas`` metadata,
+            the reference code's values for the released prompts, 0.5 for hand-written pairs.
         a_bound, beta (`float`, defaults to `0.5`): AQ-Map thresholds, see `AlignmentQuality`.
         surgery_depth (`int`, *optional*): blocks with v-v attention; default half the tower.
         tagger (`str`, defaults to `"ud-ewt"`): POS tagger for the prompt tree, see `load_tagger`.
@@ -153,6 +170,7 @@ class QualityScorer:
         tokenizer: Callable | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        quality_prompts: str | Path | None = None,
         alphas: tuple[float, float, float] | None = None,
         a_bound: float = 0.5,
         beta: float = 0.5,
@@ -162,9 +180,11 @@ class QualityScorer:
     ):
         if max_phrases < 1:
             raise ValueError(f"max_phrases must be at least 1, got {max_phrases}")
+        named_clip = None
         if model is None:
             model, loaded_tokenizer = load_clip(clip, pretrained)
             tokenizer = tokenizer or loaded_tokenizer
+            named_clip = (clip, pretrained)
         check_surgery_support(model.visual)
         reference = next(model.parameters())
         if device is not None or dtype is not None:
@@ -176,12 +196,31 @@ class QualityScorer:
         self.tagger = load_tagger(tagger)
         self.max_phrases = max_phrases
 
-        pair_features = encode_handwritten_pairs(model, self.tokenizer, load_handwritten_pairs())
+        if quality_prompts is None:
+            quality_prompts = released_prompts_path() if named_clip == RELEASED_PROMPTS_CLIP else "handwritten"
+        self.quality_prompts = str(quality_prompts)
+        pair_features, default_alphas = self._quality_pairs(quality_prompts, named_clip)
         self.perceptual = PerceptualQuality(
-            pair_features.float(), alphas or HANDWRITTEN_ALPHAS, float(model.logit_scale.detach().exp())
+            pair_features.float(), alphas or default_alphas, float(model.logit_scale.detach().exp())
         )
         self.alignment = AlignmentQuality(a_bound=a_bound, beta=beta)
         self._empty_feature = self._encode_texts([""])[0]
+
+    def _quality_pairs(
+        self, quality_prompts: str | Path, named_clip: tuple[str, str | None] | None
+    ) -> tuple[torch.Tensor, tuple[float, ...]]:
+        """The PQ-Map's ``(4, 2, D)`` pair features and their default factor thresholds."""
+        if quality_prompts == "handwritten":
+            return encode_handwritten_pairs(self.model, self.tokenizer, load_handwritten_pairs()), HANDWRITTEN_ALPHAS
+        prompts = load_learned_prompts(quality_prompts)
+        check_compatible(self.model, prompts, repr(str(quality_prompts)))
+        if named_clip is not None and prompts.trained_for != named_clip:
+            raise ValueError(
+                f"quality_prompts {str(quality_prompts)!r} were trained for CLIP {'/'.join(prompts.trained_for)}, "
+                f"but this scorer loaded {named_clip[0]}/{named_clip[1]}"
+            )
+        alphas = json.loads(prompts.metadata["alphas"]) if "alphas" in prompts.metadata else RELEASED_ALPHAS
+        return encode_learned_pairs(self.model, prompts), tuple(alphas)
 
     @property
     def device(self) -> torch.device:
