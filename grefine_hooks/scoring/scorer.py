@@ -32,7 +32,7 @@ from .perceptual import (
     load_handwritten_pairs,
 )
 from .prompt_tree import Phrase, load_tagger, parse_prompt
-from .surgery import check_surgery_support, encode_image_with_surgery
+from .surgery import SurgeryFeatures, check_surgery_support, encode_image_with_surgery
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -246,6 +246,15 @@ class QualityScorer:
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((batch - mean) / std).to(device=self.device, dtype=self.dtype)
 
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[torch.Tensor]) -> SurgeryFeatures:
+        """The one image forward: ``(3, H, W)`` tensors in [0, 1] -> CLIP-Surgery features.
+
+        Exactly what scoring sees (whole-image resize, the model's normalisation), so callers
+        that cache image features, such as prompt training, match the scorer.
+        """
+        return encode_image_with_surgery(self.model.visual, self._pixel_values(images), self.surgery_depth)
+
     def _parse(self, prompt: str | None) -> list[Phrase]:
         return [] if prompt is None else parse_prompt(prompt, tagger=self.tagger)[: self.max_phrases]
 
@@ -277,7 +286,7 @@ class QualityScorer:
     def _score_tensors(self, images: list[torch.Tensor], prompts: list[str | None]) -> list[QualityReport]:
         watch = _Stopwatch(self.device)
         with watch("image_forward"):
-            features = encode_image_with_surgery(self.model.visual, self._pixel_values(images), self.surgery_depth)
+            features = self.encode_images(images)
             image_features = F.normalize(features.image.float(), dim=-1)
             patch_features = F.normalize(features.patches.float(), dim=-1)
         with watch("perceptual"):
