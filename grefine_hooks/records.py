@@ -1,0 +1,691 @@
+"""Quality records and the A/B quality log: what happened to every generated image, kept durably.
+
+Every image a wrapped pipeline returns yields one :class:`QualityRecord`: the parameters that made
+it and what the refiner did (ADetailer's per-image ``extra_params``, for every image).
+:func:`assign_arm` splits images reproducibly into a control arm (scored only) and a treatment arm
+(refined by the policy), and :class:`QualityLog` appends the records to a JSONL file or a SQLite
+database that threads and processes may write at once, and that keeps every record whose
+``write()`` returned even when the writer is killed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import numbers
+import os
+import sqlite3
+import statistics
+import threading
+import uuid
+import weakref
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ARMS = ("control", "treatment")
+DECISIONS = ("skipped", "refined", "reverted", "failed")
+# Decisions in which refinement ran: stage 1 started, whatever came of it.
+REFINE_DECISIONS = ("refined", "reverted", "failed")
+# The timings the refiner adds on top of generation (see QualityRecord.added_seconds).
+ADDED_TIMING_KEYS = ("score", "stage1", "stage2", "rescore")
+# Log file suffix -> sink.
+SINKS = {".jsonl": "jsonl", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
+
+_SCORE_FIELDS = ("p_before", "a_before", "p_after", "a_after")
+_OPTIONAL_TEXT_FIELDS = ("model_id", "prompt", "negative_prompt", "guard", "error", "emphasized_prompt")
+_PATH_FIELDS = ("image_path", "original_image_path")
+# SQLite writers wait this long for each other before giving up.
+_BUSY_TIMEOUT_SECONDS = 30.0
+
+
+def _utc_now() -> str:
+    return _utc_text(datetime.now(timezone.utc))
+
+
+def _new_record_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(kw_only=True)
+class QualityRecord:
+    """One generated image: the parameters that made it and what the refiner did with it.
+
+    Keyword-only. Required: ``run_id``, ``pipeline_class``, ``image_index``, ``arm``, ``decision``,
+    ``reason``; everything else defaults to "not known / did not happen" (None or empty).
+
+    Attributes:
+        run_id (`str`): one per pipeline call or batch job. record_id (`str`): uuid4 hex.
+        created_at (`str`): UTC ISO-8601 with microseconds, e.g. ``2026-01-02T03:04:05.678901+00:00``;
+            only this exact form is accepted, so that text order is time order in both sinks.
+        schema_version (`int`): the record layout, :data:`SCHEMA_VERSION` when written.
+        pipeline_class, model_id, prompt, negative_prompt, seed, image_index: what made the image.
+        arm (`str`): ``"control"`` (scored only, so never ``"refined"`` or ``"reverted"``) or
+            ``"treatment"`` (the policy applied).
+        p_before, a_before, p_after, a_after (`float`, *optional*): scores in [0, 1] before and
+            after refinement.
+        decision (`str`): ``"skipped"``, ``"refined"``, ``"reverted"`` (refined, then the guard
+            kept the original) or ``"failed"`` (a refine stage raised; the original was returned).
+        reason (`str`): why, for humans, e.g. ``"p 0.62 >= 0.50 and a 0.71 >= 0.50"``.
+        stage1_strength, stage1_steps, stage2_strength, stage2_steps: what the stages ran with.
+        guard (`str`, *optional*): the guard's verdict, e.g. ``"kept"``; None when it did not run.
+        timings (`dict[str, float]`): seconds per step (generate, score, stage1, stage2, rescore,
+            total, ...). error (`str`, *optional*): the error a failed refinement raised.
+        image_path, original_image_path (`str`, *optional*): where the images were saved.
+        maps (`dict[str, float]`): map summaries such as ``P_mean``, ``A_mean``, ``mask_share``.
+        phrases (`list[dict]`): the prompt's phrases (noun, text, defect, ...), JSON-ready.
+        emphasized_prompt (`str`, *optional*), policy (`dict`): ``RefinePolicy.to_dict()``.
+
+    Numbers are stored as plain ``float``/``int`` (a ``numpy.float32`` score becomes a ``float``) so
+    the record always serialises; anything else invalid raises ValueError naming the field.
+    """
+
+    run_id: str
+    record_id: str = field(default_factory=_new_record_id)
+    created_at: str = field(default_factory=_utc_now)
+    schema_version: int = SCHEMA_VERSION
+    pipeline_class: str
+    model_id: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    image_index: int
+    arm: str
+    p_before: float | None = None
+    a_before: float | None = None
+    decision: str
+    reason: str
+    stage1_strength: float | None = None
+    stage1_steps: int | None = None
+    stage2_strength: float | None = None
+    stage2_steps: int | None = None
+    p_after: float | None = None
+    a_after: float | None = None
+    guard: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    image_path: str | None = None
+    original_image_path: str | None = None
+    maps: dict[str, float] = field(default_factory=dict)
+    phrases: list[dict] = field(default_factory=list)
+    emphasized_prompt: str | None = None
+    policy: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks every field; run again before serialising, since a record can be edited after creation."""
+        _check_schema_version(self.schema_version)
+        for name in ("run_id", "record_id", "pipeline_class"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        _check_created_at(self.created_at)
+        if self.arm not in ARMS:
+            raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
+        if self.decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
+        if self.arm == "control" and self.decision in ("refined", "reverted"):
+            raise ValueError(f"decision cannot be {self.decision!r} in the control arm: it is never refined")
+        if not isinstance(self.reason, str):
+            raise ValueError(f"reason must be a string, got {self.reason!r}")
+        for name in _PATH_FIELDS:
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        for name in _OPTIONAL_TEXT_FIELDS + _PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or None, got {value!r}")
+        self.image_index = _integer("image_index", self.image_index, minimum=0)
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed)
+        for name in ("stage1_steps", "stage2_steps"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _integer(name, getattr(self, name), minimum=0))
+        for name in _SCORE_FIELDS + ("stage1_strength", "stage2_strength"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _unit(name, getattr(self, name)))
+        self.timings = _number_dict("timings", self.timings, minimum=0.0)
+        self.maps = _number_dict("maps", self.maps)
+        if not isinstance(self.phrases, list) or not all(isinstance(item, dict) for item in self.phrases):
+            raise ValueError(f"phrases must be a list of dicts, got {self.phrases!r}")
+        if not isinstance(self.policy, dict):
+            raise ValueError(f"policy must be a dict (RefinePolicy.to_dict()), got {type(self.policy).__name__}")
+        for name in ("phrases", "policy"):
+            try:
+                json.dumps(getattr(self, name), allow_nan=False)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{name} must be JSON-serialisable with finite numbers: {error}") from None
+
+    @property
+    def added_seconds(self) -> float:
+        """Seconds the refiner added beyond generation: the score, stage1, stage2 and rescore timings present."""
+        return math.fsum(self.timings.get(key, 0.0) for key in ADDED_TIMING_KEYS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """One line of JSON (newlines inside strings are escaped); validates first, so it always reads back."""
+        self.validate()
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> QualityRecord:
+        """Rebuilds a record; unknown or missing fields and newer schema versions are errors."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a QualityRecord is a JSON object, got {type(values).__name__}")
+        # A newer writer may have added fields: say so before complaining about them.
+        _check_schema_version(values.get("schema_version", SCHEMA_VERSION))
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown QualityRecord field(s) {unknown}")
+        missing = sorted(
+            item.name for item in fields(cls)
+            if item.name not in values and item.default is MISSING and item.default_factory is MISSING
+        )
+        if missing:
+            raise ValueError(f"QualityRecord is missing required field(s) {missing}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> QualityRecord:
+        return cls.from_dict(json.loads(text))
+
+
+def assign_arm(run_id: str, prompt: str | None, seed: int | None, image_index: int, ab_split: float) -> str:
+    """The A/B arm of one image, ``"treatment"`` with probability ``ab_split``, else ``"control"``.
+
+    The draw is a SHA-256 of ``(run_id, prompt, seed, image_index)`` (not Python's per-process salted
+    ``hash``), so rerunning the same job puts every image in the same arm. ``ab_split=1.0`` always
+    gives treatment and ``0.0`` always control.
+
+    >>> assign_arm("run-1", "a red cube", 0, 0, ab_split=1.0)
+    'treatment'
+    """
+    _unit("ab_split", ab_split)
+    if not isinstance(run_id, str):
+        raise ValueError(f"run_id must be a string, got {run_id!r}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string or None, got {prompt!r}")
+    seed = None if seed is None else _integer("seed", seed)
+    key = json.dumps([run_id, prompt, seed, _integer("image_index", image_index)]).encode("utf-8")
+    # 53 bits give a float in [0, 1) exactly, so the draw is never 1.0 and ab_split=1.0 always wins.
+    draw = (int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 11) / 2.0**53
+    return "treatment" if draw < ab_split else "control"
+
+
+class QualityLog:
+    """An append-only log of :class:`QualityRecord`, in a JSONL file or a SQLite database.
+
+    Args:
+        path (`str` or `os.PathLike`): the log; created when missing, never truncated or rewritten.
+        sink (`str`, *optional*): ``"jsonl"`` or ``"sqlite"``; None chooses from the suffix
+            (``.jsonl``; ``.sqlite``, ``.sqlite3``, ``.db``).
+
+    Every ``write`` is on disk (fsynced / committed) before it returns, so a record whose write
+    returned survives the writer being killed. Threads may share one log; processes each open
+    their own (do not carry an open log across ``fork``) and may write to the same path at once.
+
+    Reading JSONL: blank lines are ignored; a line that is not JSON is skipped and counted in
+    ``skipped_lines`` (set by every ``read``) with a logged warning naming its line number, so one
+    torn line (a writer killed mid-write, the disk filling up) never hides the good records after
+    it. Writers start every record on a fresh line, so a torn fragment never swallows a later
+    record. A line that is valid JSON but not a valid record is not corruption but a different
+    writer: it raises ValueError naming the line, as does a record from a newer grefine-hooks.
+    SQLite never has torn rows; its ``skipped_lines`` is always 0.
+
+    >>> with QualityLog("runs/quality.jsonl") as log:  # doctest: +SKIP
+    ...     log.write(record)
+    ...     log.summary()["treatment"]["refine_rate"]
+    """
+
+    def __init__(self, path: str | os.PathLike, sink: str | None = None):
+        self.path = Path(path)
+        if sink is None:
+            sink = SINKS.get(self.path.suffix.lower())
+            if sink is None:
+                raise ValueError(
+                    f"cannot tell the quality log format of {str(self.path)!r} from its suffix: use one of "
+                    f"{sorted(SINKS)} or pass sink='jsonl' or sink='sqlite'"
+                )
+        elif sink not in ("jsonl", "sqlite"):
+            raise ValueError(f"sink must be 'jsonl' or 'sqlite', got {sink!r}")
+        self.sink = sink
+        _check_location(self.path)
+        self._store = _JsonlStore(self.path) if sink == "jsonl" else _SqliteStore(self.path)
+        self.skipped_lines = 0
+
+    @classmethod
+    def coerce(cls, value: QualityLog | str | os.PathLike | None) -> QualityLog | None:
+        """The log for a pipeline's ``quality_log=`` argument: a QualityLog as is, a path opened, None (off).
+
+        A log opened here from a path belongs to the caller, who closes it; a QualityLog passed in
+        stays open.
+        """
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return cls(value)
+        raise TypeError(f"quality_log must be a QualityLog, a path or None, got {type(value).__name__}")
+
+    def write(self, record: QualityRecord) -> None:
+        """Appends one record; it is on disk when this returns."""
+        self.write_many([record])
+
+    def write_many(self, records: Iterable[QualityRecord]) -> None:
+        """Appends records all together (one ``os.write`` / one transaction); on disk when this returns."""
+        records = list(records)
+        for record in records:
+            if not isinstance(record, QualityRecord):
+                raise TypeError(f"a QualityLog holds QualityRecords, got {type(record).__name__}")
+        if records:
+            self._store.append(records)
+
+    def read(
+        self,
+        run_id: str | None = None,
+        arm: str | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+    ) -> list[QualityRecord]:
+        """The records in write order, optionally of one run / arm, created in ``[since, until)``.
+
+        ``since`` and ``until`` are timezone-aware datetimes or ISO-8601 strings with an offset.
+        Sets ``skipped_lines`` (see the class docstring).
+        """
+        if arm is not None and arm not in ARMS:
+            raise ValueError(f"arm must be one of {ARMS} or None, got {arm!r}")
+        start = None if since is None else _as_utc_text("since", since)
+        end = None if until is None else _as_utc_text("until", until)
+        records, self.skipped_lines = self._store.load(run_id, arm, start, end)
+        return records
+
+    def summary(self, run_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per-arm statistics of the log (or of one run), for comparing the arms.
+
+        Returns ``{"control": {...}, "treatment": {...}}``, both arms always present. Each holds:
+
+        - ``count``: records in the arm; ``decisions``: count per decision.
+        - ``p_before_mean``, ``a_before_mean``, ``p_after_mean``, ``a_after_mean``: means over the
+          records that have that score (None when none does). ``p_after`` includes reverted
+          images: it is what the refiner produced, kept or not.
+        - ``p_final_mean``, ``a_final_mean``: the score of the image the caller got, i.e. the
+          "after" score when the decision is ``"refined"`` and the "before" score otherwise
+          (skipped, reverted and failed return the original); refined records without an after
+          score are left out. This is the number the A/B comparison is about.
+        - ``refine_rate``: share of records in which refinement ran, decision ``"refined"``,
+          ``"reverted"`` or ``"failed"`` (0 in the control arm).
+        - ``added_seconds_mean``: mean of :attr:`QualityRecord.added_seconds` (scoring included,
+          so the control arm shows what scoring alone costs).
+        - ``improved_share``: among records with decision ``"refined"`` and all four scores, the
+          share with ``p_after + a_after > p_before + a_before`` (strictly); None when there are none.
+
+        Means and shares are None for an empty arm.
+        """
+        records = self.read(run_id=run_id)
+        return {arm: _arm_summary([record for record in records if record.arm == arm]) for arm in ARMS}
+
+    def close(self) -> None:
+        """Releases the file / connection; closing twice is fine, writing afterwards is an error."""
+        self._store.close()
+
+    def __enter__(self) -> QualityLog:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"QualityLog({str(self.path)!r}, sink={self.sink!r})"
+
+
+class _JsonlStore:
+    """One record per line, appended with ``O_APPEND``; ``flock`` keeps processes' lines whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        existed = path.exists()
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            raise type(error)(error.errno, f"cannot open quality log: {error.strerror}", str(path)) from None
+        # Closed by close() or, for a log nobody closed, when it is garbage-collected.
+        self._closer = weakref.finalize(self, os.close, self._fd)
+        if not existed:
+            _fsync_directory(path.parent)  # the new file's name survives a crash too
+        self._lock = threading.Lock()
+
+    def append(self, records: list[QualityRecord]) -> None:
+        data = "".join(record.to_json() + "\n" for record in records).encode("utf-8")
+        with self._lock:
+            fd = self._open_fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    # A writer died mid-line: leave its fragment on a line of its own.
+                    data = b"\n" + data
+                view = memoryview(data)
+                while view:  # one write unless the disk is full; the lock keeps a retry contiguous
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def load(
+        self, run_id: str | None, arm: str | None, since: str | None, until: str | None
+    ) -> tuple[list[QualityRecord], int]:
+        self._open_fd()
+        with open(self.path, "rb") as file:
+            fcntl.flock(file.fileno(), fcntl.LOCK_SH)  # no half-written line from a live writer
+            lines = file.read().split(b"\n")
+        unterminated = len(lines)  # line number of the text after the last newline, if any
+        records, skipped = [], []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                values = json.loads(line)
+            except ValueError:
+                skipped.append(number)
+                continue
+            try:
+                record = QualityRecord.from_dict(values)
+            except ValueError as error:
+                raise ValueError(f"{self.path}, line {number}: {error}") from None
+            if _matches(record, run_id, arm, since, until):
+                records.append(record)
+        if skipped:
+            torn = " (the last, unterminated, from a writer killed mid-write)" if skipped[-1] == unterminated else ""
+            logger.warning("%s: skipped %d unreadable line(s), numbers %s%s", self.path, len(skipped), skipped, torn)
+        return records, len(skipped)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closer()
+
+    def _open_fd(self) -> int:
+        if not self._closer.alive:
+            raise ValueError(f"quality log {self.path} is closed")
+        return self._fd
+
+
+class _SqliteStore:
+    """A ``records`` table in WAL mode; each append is one ``BEGIN IMMEDIATE`` transaction.
+
+    ``synchronous=FULL``: WAL with NORMAL survives a killed process but may lose the last commits
+    on power loss, and "on disk when write returns" is the promise. One fsync per record costs
+    little next to generating an image.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            # WAL mode creates path-wal and path-shm beside the database.
+            raise PermissionError(13, "cannot open quality log: its directory is not writable", str(path))
+        self._lock = threading.Lock()
+        connection = None
+        try:
+            connection = sqlite3.connect(
+                path, timeout=_BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+            )
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise OSError(f"cannot open quality log {path}: SQLite refused WAL mode (got {mode!r})")
+            connection.execute("PRAGMA synchronous=FULL")
+            self._create_or_check_schema(connection)
+        except BaseException as error:
+            if connection is not None:
+                connection.close()
+            if isinstance(error, sqlite3.OperationalError):
+                raise OSError(f"cannot open quality log {path}: {error}") from error
+            if isinstance(error, sqlite3.DatabaseError):
+                raise ValueError(f"quality log {path} is not a SQLite database or is corrupted: {error}") from error
+            raise
+        self._connection: sqlite3.Connection | None = connection
+
+    def _create_or_check_schema(self, connection: sqlite3.Connection) -> None:
+        connection.execute("BEGIN IMMEDIATE")  # concurrent openers of a new log take turns
+        try:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                self._create_schema(connection)
+            else:
+                row = None
+                if "meta" in tables:
+                    row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None or "records" not in tables:
+                    raise ValueError(
+                        f"{self.path} is a SQLite database but not a grefine-hooks quality log "
+                        f"(tables {sorted(tables)})"
+                    )
+                try:
+                    _check_schema_version(int(row[0]))
+                except ValueError as error:
+                    raise ValueError(f"quality log {self.path}: {error}") from None
+            connection.execute("COMMIT")
+        finally:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+
+    @staticmethod
+    def _create_schema(connection: sqlite3.Connection) -> None:
+        connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        connection.execute(
+            "CREATE TABLE records ("
+            " seq INTEGER PRIMARY KEY,"
+            " record_id TEXT NOT NULL UNIQUE,"
+            " run_id TEXT NOT NULL,"
+            " arm TEXT NOT NULL,"
+            " created_at TEXT NOT NULL,"
+            " decision TEXT NOT NULL,"
+            " schema_version INTEGER NOT NULL,"
+            " data TEXT NOT NULL)"
+        )
+        for column in ("run_id", "arm", "created_at", "decision"):
+            connection.execute(f"CREATE INDEX records_{column} ON records ({column})")
+
+    def append(self, records: list[QualityRecord]) -> None:
+        rows = []
+        for record in records:
+            data = record.to_json()
+            rows.append(
+                (record.record_id, record.run_id, record.arm, record.created_at, record.decision,
+                 record.schema_version, data)
+            )
+        with self._lock:
+            connection = self._open_connection()
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.executemany(
+                    "INSERT INTO records (record_id, run_id, arm, created_at, decision, schema_version, data)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                connection.execute("COMMIT")
+            except sqlite3.IntegrityError as error:
+                raise ValueError(f"quality log {self.path}: a record_id is already logged ({error})") from None
+            except sqlite3.Error as error:
+                raise OSError(f"cannot write to quality log {self.path}: {error}") from error
+            finally:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+
+    def load(
+        self, run_id: str | None, arm: str | None, since: str | None, until: str | None
+    ) -> tuple[list[QualityRecord], int]:
+        clauses, parameters = [], []
+        bounds = (("run_id = ?", run_id), ("arm = ?", arm), ("created_at >= ?", since), ("created_at < ?", until))
+        for clause, value in bounds:
+            if value is not None:
+                clauses.append(clause)
+                parameters.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = f"SELECT seq, data FROM records{where} ORDER BY seq"
+        with self._lock:
+            rows = self._open_connection().execute(query, parameters).fetchall()
+        records = []
+        for seq, data in rows:
+            try:
+                records.append(QualityRecord.from_json(data))
+            except ValueError as error:
+                raise ValueError(f"{self.path}, row {seq}: {error}") from None
+        return records, 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise ValueError(f"quality log {self.path} is closed")
+        return self._connection
+
+
+def _arm_summary(records: list[QualityRecord]) -> dict[str, Any]:
+    """One arm's numbers for :meth:`QualityLog.summary` (definitions there)."""
+    count = len(records)
+    refined = [
+        record for record in records
+        if record.decision == "refined"
+        and None not in (record.p_before, record.a_before, record.p_after, record.a_after)
+    ]
+    improved = sum(record.p_after + record.a_after > record.p_before + record.a_before for record in refined)
+    return {
+        "count": count,
+        "decisions": {decision: sum(record.decision == decision for record in records) for decision in DECISIONS},
+        "p_before_mean": _mean(record.p_before for record in records),
+        "a_before_mean": _mean(record.a_before for record in records),
+        "p_after_mean": _mean(record.p_after for record in records),
+        "a_after_mean": _mean(record.a_after for record in records),
+        "p_final_mean": _mean(_final(record, record.p_before, record.p_after) for record in records),
+        "a_final_mean": _mean(_final(record, record.a_before, record.a_after) for record in records),
+        "refine_rate": sum(record.decision in REFINE_DECISIONS for record in records) / count if count else None,
+        "added_seconds_mean": _mean(record.added_seconds for record in records),
+        "improved_share": improved / len(refined) if refined else None,
+    }
+
+
+def _final(record: QualityRecord, before: float | None, after: float | None) -> float | None:
+    """The score of the image the caller got: only a kept refinement replaced the original."""
+    return after if record.decision == "refined" else before
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _matches(
+    record: QualityRecord, run_id: str | None, arm: str | None, since: str | None, until: str | None
+) -> bool:
+    return (
+        (run_id is None or record.run_id == run_id)
+        and (arm is None or record.arm == arm)
+        and (since is None or record.created_at >= since)
+        and (until is None or record.created_at < until)
+    )
+
+
+def _check_location(path: Path) -> None:
+    """Clear errors, naming the log, for the directory problems every sink shares."""
+    parent = path.parent
+    if not parent.exists():
+        raise FileNotFoundError(2, f"cannot open quality log: directory {str(parent)!r} does not exist", str(path))
+    if not parent.is_dir():
+        raise NotADirectoryError(20, f"cannot open quality log: {str(parent)!r} is not a directory", str(path))
+    if path.is_dir():
+        raise IsADirectoryError(21, "cannot open quality log: it is a directory", str(path))
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_schema_version(version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"schema_version must be an integer >= 1, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"schema_version {version} was written by a newer grefine-hooks (this one reads up to "
+            f"{SCHEMA_VERSION}); upgrade grefine-hooks to read it"
+        )
+
+
+def _check_created_at(value: Any) -> None:
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    canonical = moment is not None and moment.utcoffset() is not None and _utc_text(moment) == value
+    if not canonical:
+        raise ValueError(
+            f"created_at must be UTC ISO-8601 with microseconds like '2026-01-02T03:04:05.678901+00:00', got {value!r}"
+        )
+
+
+def _as_utc_text(name: str, value: datetime | str) -> str:
+    """A read bound in created_at's exact form, so that comparing text compares times."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an ISO-8601 time, got {value!r}") from None
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime or ISO-8601 string with an offset, got {value!r}")
+    return _utc_text(value)
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _integer(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _unit(name: str, value: Any) -> float:
+    value = _finite(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _number_dict(name: str, values: Any, minimum: float | None = None) -> dict[str, float]:
+    if not isinstance(values, dict):
+        raise ValueError(f"{name} must be a dict of str -> float, got {type(values).__name__}")
+    checked = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{name} keys must be strings, got {key!r}")
+        checked[key] = _finite(f"{name}[{key!r}]", value)
+        if minimum is not None and checked[key] < minimum:
+            raise ValueError(f"{name}[{key!r}] must be >= {minimum}, got {checked[key]}")
+    return checked
