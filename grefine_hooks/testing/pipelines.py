@@ -91,8 +91,15 @@ def _clip_text_config() -> CLIPTextConfig:
 
 
 def _vae() -> AutoencoderKL:
-    """A two-level KL autoencoder: ``vae_scale_factor`` 2, four latent channels."""
-    return AutoencoderKL(
+    """A two-level KL autoencoder: ``vae_scale_factor`` 2, four latent channels.
+
+    Two settings make it behave like a trained VAE where tests look: its posterior is
+    near-deterministic (log-variance -30), and its ``scaling_factor`` is 1 / the std of its
+    latents, as real VAEs choose it, so scaled latents have unit variance like the noise they
+    are mixed with. Random weights alone give a wide posterior and latents 20x smaller than the
+    noise, and image-to-image tests would measure that instead of the refinement under test.
+    """
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -102,6 +109,28 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         sample_size=2 * _LATENT_SIDE,
     )
+    with torch.no_grad():
+        log_variance = slice(vae.config.latent_channels, None)
+        vae.quant_conv.weight[log_variance] = 0.0
+        vae.quant_conv.bias[log_variance] = -30.0
+        probe = torch.rand(2, 3, 2 * _LATENT_SIDE, 2 * _LATENT_SIDE) * 2 - 1
+        latents = vae.encode(probe).latent_dist.mode()
+    vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
+    return vae
+
+
+def _quiet_output(layer: torch.nn.Module) -> torch.nn.Module:
+    """Scales a denoiser's output layer to 1 % of its random init.
+
+    An untrained denoiser predicts noise far larger than a trained one, so its samples blow up
+    (latents hundreds of times their trained range) and every decoded image saturates; refinement
+    tests would then compare saturated garbage. A near-zero output layer (as DiT's zero-initialised
+    final layer starts) keeps predictions small and samples in range, while every code path runs.
+    """
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.mul_(0.01)
+    return layer
 
 
 def _sd15() -> StableDiffusionPipeline:
@@ -117,6 +146,7 @@ def _sd15() -> StableDiffusionPipeline:
         cross_attention_dim=_TEXT_WIDTH,
         attention_head_dim=8,
     )
+    _quiet_output(unet.conv_out)
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -156,6 +186,7 @@ def _sdxl() -> StableDiffusionXLPipeline:
         # six size/crop numbers embedded at 8 each, plus the second encoder's pooled projection
         projection_class_embeddings_input_dim=6 * 8 + _TEXT_WIDTH,
     )
+    _quiet_output(unet.conv_out)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -203,6 +234,7 @@ def _pixart(pipeline_class: type[DiffusionPipeline]) -> DiffusionPipeline:
         cross_attention_dim=16,
         caption_channels=_TEXT_WIDTH,
     )
+    _quiet_output(transformer.proj_out)
     return pipeline_class(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
