@@ -33,9 +33,11 @@ from .perceptual import FACTORS
 RELEASED_PROMPTS_FILE = "pq_prompts_vit_b16.safetensors"
 #: The CLIP the released prompts were trained for (open_clip name, pretrained tag).
 RELEASED_PROMPTS_CLIP = ("ViT-B-16", "openai")
-#: Factor thresholds of the reference code: relative importance (1.0, 0.6, 0.8) times the mean
-#: preference of the authors' training database (0.935, 0.892, 0.826), each factor its own.
-RELEASED_ALPHAS = (1.0 * 0.935, 0.6 * 0.892, 0.8 * 0.826)
+#: Relative importance of technical, rationality and naturalness in the reference code's thresholds.
+FACTOR_IMPORTANCE = (1.0, 0.6, 0.8)
+#: Factor thresholds of the reference code: the importance times the mean preference of the
+#: authors' training database (0.935, 0.892, 0.826), each factor its own.
+RELEASED_ALPHAS = tuple(importance * mean for importance, mean in zip(FACTOR_IMPORTANCE, (0.935, 0.892, 0.826)))
 #: How the file names the factors of ``FACTORS``.
 FILE_FACTOR_NAMES = dict(zip(FACTORS, ("overall", "technical", "rational", "natural")))
 #: Tokens of "Good photo." / "Bad photo." between the two halves of the context.

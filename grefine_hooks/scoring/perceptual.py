@@ -60,6 +60,21 @@ def encode_handwritten_pairs(
     return features.unflatten(0, (len(FACTORS), 2))
 
 
+def pair_probabilities(features: torch.Tensor, pair_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Probability of each pair's positive prompt: a two-way softmax of scaled cosines.
+
+    Args:
+        features (`torch.Tensor`): ``(..., D)`` normalised image features.
+        pair_features (`torch.Tensor`): ``(F, 2, D)`` normalised text features, positive first.
+        logit_scale (`float`): CLIP's temperature.
+
+    Returns:
+        ``(..., F)``; differentiable in both inputs (prompt training relies on it).
+    """
+    logits = logit_scale * torch.einsum("...d,fkd->...fk", features, pair_features.to(features))
+    return logits.float().softmax(dim=-1)[..., 0]
+
+
 @dataclass(frozen=True)
 class PerceptualResult:
     """PQ-Map output for a batch: ``p`` ``(B,)``, ``grid_map`` ``(B, rows, cols)``, ``factors`` ``(B, 4)``."""
@@ -90,8 +105,7 @@ class PerceptualQuality:
 
     def factor_probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """``(..., D)`` normalised image features -> ``(..., 4)`` probability of each positive prompt."""
-        logits = self.logit_scale * torch.einsum("...d,fkd->...fk", features, self.pair_features.to(features))
-        return logits.float().softmax(dim=-1)[..., 0]
+        return pair_probabilities(features, self.pair_features, self.logit_scale)
 
     def __call__(self, features: SurgeryFeatures) -> PerceptualResult:
         image = torch.nn.functional.normalize(features.image, dim=-1)
