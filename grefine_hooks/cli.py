@@ -14,11 +14,12 @@ from PIL import Image, UnidentifiedImageError
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_clip_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
     parser.add_argument("--clip", default="ViT-B-16", help="open_clip model name or local-dir:FOLDER")
     parser.add_argument("--pretrained", default="openai", help="open_clip weights tag or file")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="CLIP dtype")
+    if dtype:
+        parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="CLIP dtype")
 
 
 def _default_device(device: str | None) -> str:
@@ -69,7 +70,11 @@ def _score(args: argparse.Namespace) -> int:
             args.pretrained,
             device=_default_device(args.device),
             dtype=_DTYPES.get(args.dtype),
+            quality_prompts=args.quality_prompts,
         )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"grefine score: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"grefine score: {error}", file=sys.stderr)
         return 1
@@ -89,6 +94,44 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_prompts(args: argparse.Namespace) -> int:
+    from .scoring.prompt_training import train_quality_prompts
+
+    try:
+        result = train_quality_prompts(
+            args.ratings,
+            args.images,
+            args.out,
+            clip=args.clip,
+            pretrained=args.pretrained,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            val_split=args.val_split,
+            use_factors=args.factors,
+            n_ctx=args.n_ctx,
+            init_prompts=args.init_prompts,
+            seed=args.seed,
+            missing=args.missing,
+            device=_default_device(args.device),
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"grefine train-prompts: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"grefine train-prompts: {error}", file=sys.stderr)
+        return 1
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} missing image(s): {', '.join(result.skipped)}")
+    print(f"trained on {result.n_train} images, validated on {result.n_val}")
+    print(f"  SRCC {result.srcc_before:.3f} -> {result.srcc_after:.3f}")
+    print(f"  PLCC {result.plcc_before:.3f} -> {result.plcc_after:.3f}")
+    print(f"  alphas {', '.join(f'{alpha:.3f}' for alpha in result.alphas)}")
+    print(f"wrote {result.path}")
+    print(f"  use: grefine score ... --clip {args.clip} --pretrained {args.pretrained} --quality-prompts {result.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grefine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,8 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prompt", required=True, help="the prompt the images were generated from")
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("--save-maps", metavar="DIR", help="write P and A heat-map overlays as PNG")
+    score.add_argument(
+        "--quality-prompts",
+        metavar="FILE|handwritten",
+        help="PQ-Map prompts: a train-prompts file or 'handwritten' (default: released prompts for ViT-B-16/openai)",
+    )
     _add_clip_arguments(score)
     score.set_defaults(run=_score)
+
+    train = commands.add_parser("train-prompts", help="learn PQ-Map quality prompts from rated images")
+    train.add_argument("--ratings", required=True, help="CSV with image,mos[,technical,rationality,naturalness]")
+    train.add_argument("--images", required=True, metavar="DIR", help="directory the CSV's image paths are in")
+    train.add_argument("--out", required=True, metavar="FILE", help="prompts file to write (.safetensors)")
+    train.add_argument("--epochs", type=int, default=50)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--val-split", type=float, default=0.2, help="share of images held out for SRCC/PLCC")
+    train.add_argument("--factors", action="store_true", help="also fit the factor columns the CSV has")
+    train.add_argument("--n-ctx", type=int, default=None, help="context tokens per prompt (default 16)")
+    train.add_argument("--init-prompts", metavar="FILE", help="start from this prompts file (same CLIP)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--missing", choices=("error", "skip"), default="error", help="listed images not found")
+    _add_clip_arguments(train, dtype=False)
+    train.set_defaults(run=_train_prompts)
     return parser
 
 
