@@ -1,0 +1,78 @@
+"""RefinePolicy: validation naming the field, the gate, eq. 9's strength, the step split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from grefine_hooks.policy import RefinePolicy
+
+
+def test_defaults_are_valid_and_round_trip_through_a_dict():
+    policy = RefinePolicy()
+    assert RefinePolicy.from_dict(policy.to_dict()) == policy
+    custom = RefinePolicy(p_threshold=0.4, strength_min=0.2, refine_steps=12, guard=False, ab_split=0.5)
+    assert RefinePolicy.from_dict(custom.to_dict()) == custom
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        RefinePolicy().p_threshold = 0.1
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("p_threshold", 1.5), ("p_threshold", -0.1), ("a_threshold", 2), ("mask_threshold", -1),
+        ("strength_min", -0.2), ("strength_max", 1.2), ("stage2_strength", -0.01),
+        ("guard_tolerance", 1.1), ("ab_split", 1.5), ("stage1_share", -0.5),
+        ("mask_blur", 0.6), ("mask_dilation", -0.1), ("mask_feather", float("nan")),
+        ("p_threshold", float("inf")), ("a_threshold", "0.5"), ("refine_steps", 0),
+        ("refine_steps", -3), ("refine_steps", 2.5), ("refine_steps", True), ("guard", "yes"), ("strict", 1),
+    ],
+)
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        RefinePolicy(**{field: value})
+
+
+def test_strength_range_must_be_ordered_and_not_zero():
+    with pytest.raises(ValueError, match="strength_min"):
+        RefinePolicy(strength_min=0.8, strength_max=0.5)
+    with pytest.raises(ValueError, match="strength_max"):
+        RefinePolicy(strength_min=0.0, strength_max=0.0)
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValueError, match="p_treshold"):
+        RefinePolicy.from_dict({"p_treshold": 0.5})
+
+
+def test_gate():
+    policy = RefinePolicy(p_threshold=0.5, a_threshold=0.4)
+    assert not policy.needs_refinement(0.5, 0.4)
+    assert policy.needs_refinement(0.49, 0.9)
+    assert policy.needs_refinement(0.9, 0.39)
+    assert not RefinePolicy(p_threshold=0.0, a_threshold=0.0).needs_refinement(0.0, 0.0)
+    assert RefinePolicy(p_threshold=1.0, a_threshold=1.0).needs_refinement(0.999, 0.999)
+
+
+def test_stage1_strength_falls_with_quality_within_the_clamp():
+    policy = RefinePolicy(strength_min=0.3, strength_max=0.7)
+    strengths = [policy.stage1_strength(q, q) for q in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert strengths == sorted(strengths, reverse=True)
+    assert strengths[0] == pytest.approx(0.7) and strengths[-1] == pytest.approx(0.3)
+    assert policy.stage1_strength(0.2, 0.6) == pytest.approx(0.7 - 0.4 * 0.4)
+
+
+def test_each_stage_takes_half_of_the_iterations_by_default():
+    assert RefinePolicy().stage_steps(30) == (15, 15)
+    assert RefinePolicy(refine_steps=10, stage1_share=0.7).stage_steps(30) == (7, 3)
+    assert RefinePolicy(stage1_share=1.0).stage_steps(4) == (4, 1)
+    assert all(steps >= 1 for steps in RefinePolicy(stage1_share=0.0).stage_steps(1))
+
+
+def test_stage_steps_are_integers():
+    n1, n2 = RefinePolicy().stage_steps(7)
+    assert isinstance(n1, int) and isinstance(n2, int) and n1 + n2 == 7 and math.isclose(n1, 3.5, abs_tol=0.5)
