@@ -1,0 +1,375 @@
+"""Per family: how to run a refine stage with the generator's own modules.
+
+Every backend borrows the pipeline's VAE (or VQGAN), text encoders, tokenizers and denoiser, and
+builds a fresh scheduler from the pipeline's scheduler config; nothing is copied, so refinement
+costs no extra weight memory.
+
+* SD 1.5, SDXL and every other family with diffusers AutoPipeline inpaint and image-to-image
+  classes (SD3, Flux, ...): those diffusers pipelines, built around the same modules.
+* PixArt-alpha/sigma and Stable Cascade, which diffusers gives no inpaint/img2img pipeline: the
+  masked-latent loop of :mod:`.latent_loop` driven by the family's denoiser; Stable Cascade is
+  refined in its decoder (stage B) latent space, conditioned on the prior's image embeddings of
+  the generated image.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    DDPMWuerstchenScheduler,
+    DiffusionPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableCascadeCombinedPipeline,
+)
+from diffusers.pipelines.auto_pipeline import (
+    AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+    AUTO_INPAINT_PIPELINES_MAPPING,
+    AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+)
+
+from .latent_loop import LatentDenoiser, masked_latent_denoise
+
+LATENT_LOOP_FAMILIES = (PixArtAlphaPipeline, PixArtSigmaPipeline, StableCascadeCombinedPipeline)
+
+
+@dataclass
+class StageRequest:
+    """One refine stage for one image.
+
+    Attributes:
+        image: ``(3, H, W)`` in [0, 1]. prompt / negative_prompt: the texts to condition on.
+        strength: share of the noise schedule to run. num_inference_steps: scheduled iterations.
+        generator: noise source. call_kwargs: the user's generation arguments that also shape
+        refinement (guidance scale, ...). extras: what the family captured during generation.
+    """
+
+    image: torch.Tensor
+    prompt: str | None
+    negative_prompt: str | None
+    strength: float
+    num_inference_steps: int
+    generator: torch.Generator | None
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class RefineBackend(ABC):
+    """Runs a stage: masked inpaint when given a mask, global image-to-image without one."""
+
+    def __init__(self, pipe: DiffusionPipeline):
+        self.pipe = pipe
+
+    @abstractmethod
+    def run(self, request: StageRequest, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask`` ``(H, W)`` 0/1 (1 = repaint) or None -> the refined ``(3, H, W)`` in [0, 1]."""
+
+
+def _diffusers_class(pipeline_class: type) -> type | None:
+    """The diffusers text-to-image class a (possibly subclassed) pipeline class is."""
+    for cls in pipeline_class.__mro__:
+        if cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values():
+            return cls
+    return None
+
+
+def task_classes(pipeline_class: type) -> tuple[type | None, type | None]:
+    """diffusers' (inpaint, image-to-image) classes for a text-to-image class, None if absent."""
+    base = _diffusers_class(pipeline_class)
+    for name, cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.items():
+        if cls is base:
+            return AUTO_INPAINT_PIPELINES_MAPPING.get(name), AUTO_IMAGE2IMAGE_PIPELINES_MAPPING.get(name)
+    return None, None
+
+
+def supported_families() -> list[str]:
+    """Names of the diffusers text-to-image classes that can be wrapped."""
+    generic = [
+        cls.__name__
+        for name, cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.items()
+        if name in AUTO_INPAINT_PIPELINES_MAPPING and name in AUTO_IMAGE2IMAGE_PIPELINES_MAPPING
+    ]
+    return sorted({*generic, *(cls.__name__ for cls in LATENT_LOOP_FAMILIES)})
+
+
+def progress_bar_config(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """What ``set_progress_bar_config`` last set on ``pipe`` (a combined pipeline keeps it on its parts)."""
+    return dict(getattr(getattr(pipe, "decoder_pipe", pipe), "_progress_bar_config", {}))
+
+
+def derive_pipeline(pipe: DiffusionPipeline, target: type[DiffusionPipeline]) -> DiffusionPipeline:
+    """A ``target`` pipeline over ``pipe``'s very modules and a fresh copy of its scheduler.
+
+    Like ``from_pipe``, but never casts the shared modules (``from_pipe`` moves them all to one
+    dtype, which would change the caller's pipeline) and never shares the stateful scheduler.
+    """
+    parameters = inspect.signature(target.__init__).parameters
+    components = {name: module for name, module in pipe.components.items() if name in parameters}
+    components["scheduler"] = pipe.scheduler.from_config(pipe.scheduler.config)
+    options = {name: pipe.config[name] for name in parameters if name in pipe.config and name not in components}
+    derived = target(**components, **options)
+    derived.set_progress_bar_config(**progress_bar_config(pipe))
+    return derived
+
+
+def _accepted(function: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The ``arguments`` that ``function`` takes, Nones dropped (each pipeline has its defaults)."""
+    parameters = inspect.signature(function).parameters
+    return {name: value for name, value in arguments.items() if name in parameters and value is not None}
+
+
+class DiffusersBackend(RefineBackend):
+    """diffusers' own inpaint and image-to-image pipelines over the generator's modules."""
+
+    def __init__(self, pipe: DiffusionPipeline, inpaint_class: type, img2img_class: type):
+        super().__init__(pipe)
+        self.inpaint_class = inpaint_class
+        self.img2img_class = img2img_class
+
+    def inpaint_pipeline(self) -> DiffusionPipeline:
+        return derive_pipeline(self.pipe, self.inpaint_class)
+
+    def img2img_pipeline(self) -> DiffusionPipeline:
+        return derive_pipeline(self.pipe, self.img2img_class)
+
+    def run(self, request: StageRequest, mask: torch.Tensor | None) -> torch.Tensor:
+        image = request.image[None]
+        height, width = image.shape[-2:]
+        arguments = {
+            **request.call_kwargs,
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "image": image,
+            "strength": request.strength,
+            "num_inference_steps": request.num_inference_steps,
+            "generator": request.generator,
+            "output_type": "pt",
+        }
+        if mask is None:
+            stage = self.img2img_pipeline()
+        else:
+            stage = self.inpaint_pipeline()
+            arguments.update(mask_image=mask[None, None], height=height, width=width)
+        output = stage(**_accepted(stage.__call__, arguments))
+        return output.images[0].float()
+
+
+class PixArtDenoiser:
+    """PixArt-alpha/sigma's transformer, T5 prompt encoding and VAE, as the loop needs them."""
+
+    def __init__(self, pipe: DiffusionPipeline, request: StageRequest):
+        self.pipe = pipe
+        self.device = pipe._execution_device
+        self.dtype = pipe.transformer.dtype
+        self.guidance_scale = _call_value(pipe, request, "guidance_scale")
+        self.size = tuple(request.image.shape[-2:])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mode()
+        return (latents * vae.config.scaling_factor).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def make_scheduler(self) -> Any:
+        return self.pipe.scheduler.from_config(self.pipe.scheduler.config)
+
+    def timesteps(self, scheduler: Any, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """diffusers' image-to-image schedule: the last ``int(steps * strength)`` timesteps."""
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        order = getattr(scheduler, "order", 1)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * order)
+        return scheduler.timesteps[start * order :]
+
+    def conditioning(self, request: StageRequest) -> dict[str, Any]:
+        guided = self.guidance_scale > 1.0
+        max_length = _call_value(self.pipe, request, "max_sequence_length")
+        embeds, mask, negative_embeds, negative_mask = self.pipe.encode_prompt(
+            request.prompt,
+            do_classifier_free_guidance=guided,
+            negative_prompt=request.negative_prompt or "",
+            device=self.device,
+            clean_caption=False,
+            max_sequence_length=max_length,
+        )
+        if guided:
+            embeds, mask = torch.cat([negative_embeds, embeds]), torch.cat([negative_mask, mask])
+        batch = embeds.shape[0]
+        added = {"resolution": None, "aspect_ratio": None}
+        if isinstance(self.pipe, PixArtAlphaPipeline) and self.pipe.transformer.config.sample_size == 128:
+            height, width = self.size
+            added = {
+                "resolution": torch.tensor([[height, width]] * batch, dtype=embeds.dtype, device=self.device),
+                "aspect_ratio": torch.tensor([[height / width]] * batch, dtype=embeds.dtype, device=self.device),
+            }
+        return {"embeds": embeds, "mask": mask, "added": added, "guided": guided}
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, Any]) -> torch.Tensor:
+        guided = conditioning["guided"]
+        model_input = torch.cat([latents] * 2) if guided else latents
+        prediction = self.pipe.transformer(
+            model_input,
+            encoder_hidden_states=conditioning["embeds"],
+            encoder_attention_mask=conditioning["mask"],
+            timestep=timestep.expand(model_input.shape[0]),
+            added_cond_kwargs=conditioning["added"],
+            return_dict=False,
+        )[0]
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + self.guidance_scale * (cond - uncond)
+        if self.pipe.transformer.config.out_channels // 2 == latents.shape[1]:
+            prediction = prediction.chunk(2, dim=1)[0]  # learned sigma: keep the noise half
+        return prediction
+
+    def step(self, scheduler: Any, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor,
+             generator: torch.Generator | None) -> torch.Tensor:
+        extra = _accepted(scheduler.step, {"generator": generator})
+        return scheduler.step(prediction, timestep, latents, **extra, return_dict=False)[0]
+
+
+class CascadeDenoiser:
+    """Stable Cascade's decoder (stage B) and VQGAN (stage A), conditioned on the prior's output."""
+
+    def __init__(self, pipe: StableCascadeCombinedPipeline, request: StageRequest):
+        if not isinstance(pipe.scheduler, DDPMWuerstchenScheduler):
+            raise ValueError(
+                "Stable Cascade refinement needs the decoder's DDPMWuerstchenScheduler, "
+                f"got {type(pipe.scheduler).__name__}"
+            )
+        if "image_embeddings" not in request.extras:
+            raise ValueError("Stable Cascade refinement needs the prior's image_embeddings of the generated image")
+        self.pipe = pipe
+        self.device = pipe._execution_device
+        self.dtype = pipe.decoder.dtype
+        self.guidance_scale = _call_value(pipe, request, "decoder_guidance_scale")
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        vqgan = self.pipe.vqgan
+        latents = vqgan.encode(images.to(vqgan.device, vqgan.dtype)).latents
+        return (latents / vqgan.config.scale_factor).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vqgan = self.pipe.vqgan
+        return vqgan.decode(latents.to(vqgan.dtype) * vqgan.config.scale_factor).sample.float().clamp(0, 1)
+
+    def make_scheduler(self) -> Any:
+        return self.pipe.scheduler.from_config(self.pipe.scheduler.config)
+
+    def timesteps(self, scheduler: Any, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """Continuous time ratios from ``strength`` down to 0, ``int(steps * strength)`` of them."""
+        count = max(1, int(num_inference_steps * strength))
+        scheduler.set_timesteps(timesteps=torch.linspace(strength, 0.0, count + 1), device=self.device)
+        return scheduler.timesteps[:-1]
+
+    def conditioning(self, request: StageRequest) -> dict[str, Any]:
+        guided = self.guidance_scale > 1.0
+        _, pooled, _, negative_pooled = self.pipe.decoder_pipe.encode_prompt(
+            device=self.device,
+            batch_size=1,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+        )
+        effnet = request.extras["image_embeddings"][None].to(self.device, self.dtype)
+        if guided:
+            pooled = torch.cat([pooled, negative_pooled])
+            effnet = torch.cat([effnet, torch.zeros_like(effnet)])
+        return {"pooled": pooled, "effnet": effnet, "guided": guided}
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, Any]) -> torch.Tensor:
+        guided = conditioning["guided"]
+        model_input = torch.cat([latents] * 2) if guided else latents
+        prediction = self.pipe.decoder(
+            sample=model_input,
+            timestep_ratio=timestep.expand(model_input.shape[0]).to(self.dtype),
+            clip_text_pooled=conditioning["pooled"],
+            effnet=conditioning["effnet"],
+            return_dict=False,
+        )[0]
+        if guided:
+            cond, uncond = prediction.chunk(2)
+            prediction = torch.lerp(uncond, cond, self.guidance_scale)
+        return prediction
+
+    def step(self, scheduler: Any, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor,
+             generator: torch.Generator | None) -> torch.Tensor:
+        ratio = timestep.expand(latents.shape[0]).to(self.dtype)
+        return scheduler.step(model_output=prediction, timestep=ratio, sample=latents, generator=generator).prev_sample
+
+
+def _call_value(pipe: DiffusionPipeline, request: StageRequest, argument: str) -> Any:
+    """The value the user's call had for ``argument``: theirs if given, else ``__call__``'s default."""
+    if request.call_kwargs.get(argument) is not None:
+        return request.call_kwargs[argument]
+    return inspect.signature(type(pipe).__call__).parameters[argument].default
+
+
+class LatentLoopBackend(RefineBackend):
+    """The masked-latent loop over a family's `LatentDenoiser` (PixArt, Stable Cascade)."""
+
+    def __init__(self, pipe: DiffusionPipeline, denoiser_class: type):
+        super().__init__(pipe)
+        self.denoiser_class = denoiser_class
+
+    def size_multiple(self) -> int:
+        """Image sides the family's latents tile exactly."""
+        if isinstance(self.pipe, StableCascadeCombinedPipeline):
+            vqgan = self.pipe.vqgan.config
+            levels = len(self.pipe.decoder.config.block_out_channels)
+            return vqgan.up_down_scale_factor * 2 ** (vqgan.levels - 1) * 2 ** (levels - 1)
+        return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+
+    def run(self, request: StageRequest, mask: torch.Tensor | None) -> torch.Tensor:
+        size = tuple(request.image.shape[-2:])
+        multiple = self.size_multiple()
+        work_size = tuple(max(multiple, side // multiple * multiple) for side in size)
+        image = _resize(request.image[None].float(), work_size)
+        work_mask = None if mask is None else (_resize(mask[None, None].float(), work_size)[0, 0] > 0).float()
+        denoiser: LatentDenoiser = self.denoiser_class(self.pipe, request)
+        refined = masked_latent_denoise(
+            denoiser,
+            image,
+            work_mask,
+            denoiser.conditioning(request),
+            request.strength,
+            request.num_inference_steps,
+            request.generator,
+            # The combined Stable Cascade pipeline's own progress_bar returns nothing; its decoder's does.
+            getattr(self.pipe, "decoder_pipe", self.pipe).progress_bar,
+        )
+        return _resize(refined, size)[0]
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize (clamped to [0, 1]) unless already at ``size``."""
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def backend_for(pipe: DiffusionPipeline) -> RefineBackend:
+    """The refine backend of ``pipe``'s family, or a ``ValueError`` listing what is supported."""
+    if isinstance(pipe, (PixArtAlphaPipeline, PixArtSigmaPipeline)):
+        return LatentLoopBackend(pipe, PixArtDenoiser)
+    if isinstance(pipe, StableCascadeCombinedPipeline):
+        return LatentLoopBackend(pipe, CascadeDenoiser)
+    inpaint, img2img = task_classes(type(pipe))
+    if inpaint is None or img2img is None:
+        raise ValueError(
+            f"{type(pipe).__name__} cannot be refined: it has no diffusers inpaint and image-to-image "
+            f"pipelines and no grefine-hooks backend. Supported: {', '.join(supported_families())}"
+        )
+    return DiffusersBackend(pipe, inpaint, img2img)

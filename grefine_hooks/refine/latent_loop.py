@@ -1,0 +1,92 @@
+"""One masked-latent image-to-image loop for families diffusers has no inpaint/img2img pipeline for.
+
+PixArt and Stable Cascade ship only text-to-image pipelines. Refining with them is the classic
+latent-blending inpaint (RePaint-style, as diffusers' own SD inpaint does with a 4-channel UNet):
+encode the image, noise it to the stage's strength, denoise with the family's own denoiser,
+scheduler and prompt encoding, and after every step re-impose the unmasked latents noised to the
+next step's level, so that outside the mask the result converges to the original latents. With an
+all-ones mask the same loop is a global image-to-image pass (stage 2).
+
+A family plugs in through a `LatentDenoiser`: how to encode and decode images, which timesteps a
+strength maps to, and how to predict the next sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .masks import latent_mask
+
+
+class LatentDenoiser(Protocol):
+    """What the loop needs from a family; every tensor stays on the family's device and dtype."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> latents."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> ``(B, 3, H, W)`` in [0, 1]."""
+
+    def make_scheduler(self) -> Any:
+        """A fresh scheduler from the pipeline's scheduler config (the pipeline's is not touched)."""
+
+    def timesteps(self, scheduler: Any, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The timesteps a stage of ``strength`` runs, the scheduler prepared to run them."""
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Any) -> torch.Tensor:
+        """The denoiser's output for ``scheduler.step`` (guidance applied)."""
+
+    def step(
+        self, scheduler: Any, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """One scheduler step: the latents at the next timestep."""
+
+
+@torch.no_grad()
+def masked_latent_denoise(
+    denoiser: LatentDenoiser,
+    image: torch.Tensor,
+    mask: torch.Tensor | None,
+    conditioning: Any,
+    strength: float,
+    num_inference_steps: int,
+    generator: torch.Generator | None,
+    progress_bar: Callable[..., Any],
+) -> torch.Tensor:
+    """Re-denoises the masked part of ``image`` and keeps the rest (see the module docstring).
+
+    Args:
+        denoiser (`LatentDenoiser`): the family's encode/decode/predict/step.
+        image (`torch.Tensor`): ``(1, 3, H, W)`` in [0, 1].
+        mask (`torch.Tensor`, *optional*): ``(H, W)`` 0/1, 1 = refine; None refines everywhere.
+        conditioning: the family's prompt conditioning, passed to ``denoiser.predict``.
+        strength (`float`): share of the noise schedule to run, in (0, 1].
+        num_inference_steps (`int`): scheduled iterations; ``int(steps * strength)`` of them run.
+        generator (`torch.Generator`, *optional*): noise source, for reproducible refinement.
+        progress_bar: the pipeline's ``progress_bar`` method, so ``set_progress_bar_config`` applies.
+
+    Returns:
+        ``(1, 3, H, W)`` in [0, 1].
+    """
+    scheduler = denoiser.make_scheduler()
+    original = denoiser.encode(image)
+    if mask is None:
+        mask = torch.ones(original.shape[-2:])
+    mask = latent_mask(mask, tuple(original.shape[-2:])).to(device=original.device, dtype=original.dtype)
+    timesteps = denoiser.timesteps(scheduler, num_inference_steps, strength)
+    noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
+    latents = scheduler.add_noise(original, noise, timesteps[:1])
+
+    with progress_bar(total=len(timesteps)) as bar:
+        for i, timestep in enumerate(timesteps):
+            prediction = denoiser.predict(latents, timestep, conditioning)
+            latents = denoiser.step(scheduler, prediction, timestep, latents, generator)
+            last = i == len(timesteps) - 1
+            known = original if last else scheduler.add_noise(original, noise, timesteps[i + 1 : i + 2])
+            latents = mask * latents + (1 - mask) * known
+            bar.update()
+    return denoiser.decode(latents)
