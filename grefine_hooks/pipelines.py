@@ -1,0 +1,551 @@
+"""Drop-in diffusers pipelines that score every image and refine the bad ones, and `wrap`.
+
+``RefinedStableDiffusionPipeline`` *is* a ``StableDiffusionPipeline`` (a subclass): it is built,
+loaded, moved, offloaded and saved the same way, and its ``__call__`` takes exactly diffusers'
+arguments and returns the same output class. What it adds, per image: a G-Refine score
+(``QualityScorer``, loaded on first call onto the pipeline's device), a gate (``RefinePolicy``), a
+two-stage refinement with the pipeline's own modules when the image is bad, and a
+``QualityRecord``, returned as ``output.quality`` and appended to the ``quality_log``.
+
+>>> from grefine_hooks import RefinedStableDiffusionPipeline, RefinePolicy
+>>> pipe = RefinedStableDiffusionPipeline.from_pretrained(
+...     "stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16,
+...     policy=RefinePolicy(), quality_log="quality.sqlite").to("cuda")
+>>> out = pipe("a red book and a yellow vase", num_inference_steps=30)
+>>> out.images, out.quality
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import diffusers
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableCascadeCombinedPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+
+from .policy import RefinePolicy
+from .records import QualityLog, QualityRecord, assign_arm
+from .refine.backends import RefineBackend, StageRequest, backend_for, progress_bar_config
+from .refine.refiner import Refiner
+from .scoring.scorer import QualityReport, QualityScorer
+
+logger = logging.getLogger(__name__)
+
+#: Generation arguments that also shape refinement, passed on to each stage when the user gave them.
+REFINE_CALL_ARGUMENTS = (
+    "guidance_scale",
+    "decoder_guidance_scale",
+    "guidance_rescale",
+    "cross_attention_kwargs",
+    "clip_skip",
+    "max_sequence_length",
+    "true_cfg_scale",
+)
+_PIXEL_OUTPUTS = ("pil", "np", "pt")
+
+
+class RefineMixin:
+    """Adds score -> gate -> refine -> log to a diffusers text-to-image pipeline.
+
+    Attributes:
+        policy (`RefinePolicy`): the gate and stage settings (default ``RefinePolicy()``).
+        quality_log (`QualityLog`, *optional*): where records go; None keeps them in memory only.
+        scorer (`QualityScorer`, *optional*): None loads ``QualityScorer("ViT-B-16", "openai")``
+            on the first call, onto the pipeline's execution device (fp16 there if the pipeline
+            is fp16 on CUDA). It is never registered as a component, so ``save_pretrained`` does
+            not write it and ``.to()`` does not move it; it follows the pipeline on each call.
+        run_id (`str`): groups records (and seeds the A/B split); one per pipeline by default.
+        last_quality (`list[QualityRecord]`): the last call's records, also for ``return_dict=False``.
+    """
+
+    policy: RefinePolicy = RefinePolicy()
+    quality_log: QualityLog | None = None
+    scorer: QualityScorer | None = None
+    last_quality: list[QualityRecord] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Gives each refined class diffusers' ``__call__`` signature and docstring, for help() and IDEs."""
+        super().__init_subclass__(**kwargs)
+        base = _diffusers_base(cls)
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return RefineMixin._refined_call(self, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(base.__call__)
+        __call__.__doc__ = (
+            f"``{base.__name__}.__call__``, then every image scored, refined if bad and recorded: "
+            "the output gains ``.quality`` (one QualityRecord per image).\n\n" + (base.__call__.__doc__ or "")
+        )
+        cls.__call__ = __call__
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        *args: Any,
+        policy: RefinePolicy | None = None,
+        quality_log: QualityLog | str | None = None,
+        scorer: QualityScorer | None = None,
+        **kwargs: Any,
+    ) -> DiffusionPipeline:
+        """diffusers' ``from_pretrained``, plus the refinement settings (see `configure_refinement`)."""
+        pipe = super().from_pretrained(*args, **kwargs)
+        return pipe.configure_refinement(policy=policy, quality_log=quality_log, scorer=scorer)
+
+    def configure_refinement(
+        self,
+        policy: RefinePolicy | None = None,
+        quality_log: QualityLog | str | None = None,
+        scorer: QualityScorer | None = None,
+        run_id: str | None = None,
+    ) -> DiffusionPipeline:
+        """Sets the policy, the log (a `QualityLog`, a ``.jsonl``/``.sqlite`` path or None) and the
+        scorer; fails here, not at the first call, for a family that cannot be refined."""
+        if policy is not None and not isinstance(policy, RefinePolicy):
+            raise TypeError(f"policy must be a RefinePolicy, got {type(policy).__name__}")
+        self.policy = policy or RefinePolicy()
+        self.quality_log = QualityLog.coerce(quality_log)
+        self.scorer = scorer
+        if run_id is not None:
+            self.run_id = run_id
+        self._refine_backend = backend_for(self)
+        return self
+
+    @property
+    def refine_backend(self) -> RefineBackend:
+        """How this family runs a refine stage, with this pipeline's own modules."""
+        if getattr(self, "_refine_backend", None) is None:
+            self._refine_backend = backend_for(self)
+        return self._refine_backend
+
+    @property
+    def run_id(self) -> str:
+        if getattr(self, "_run_id", None) is None:
+            self._run_id = uuid.uuid4().hex
+        return self._run_id
+
+    @run_id.setter
+    def run_id(self, value: str) -> None:
+        self._run_id = value
+
+    def to_json_string(self) -> str:
+        """Saved configs name the diffusers class, so a saved folder loads with plain diffusers.
+
+        A component recorded under a library that no longer holds it (Stable Cascade's
+        ``PaellaVQModel`` since diffusers moved it to its deprecated pipelines) is recorded by its
+        module instead, which diffusers can load back.
+        """
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = _diffusers_base(type(self)).__name__
+        for name, entry in config.items():
+            component = getattr(self, name, None) if isinstance(entry, list) else None
+            if component is not None and not _resolvable(*entry):
+                config[name] = [type(component).__module__, entry[1]]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def quality_scorer(self) -> QualityScorer:
+        """The scorer, loaded on first use and kept on the pipeline's execution device."""
+        device = self._execution_device
+        if self.scorer is None:
+            dtype = self.dtype if device.type == "cuda" else torch.float32
+            self.scorer = QualityScorer("ViT-B-16", "openai", device=device, dtype=dtype)
+        elif self.scorer.device != device:
+            self.scorer.model.to(device)
+        return self.scorer
+
+    # -- hooks for families that need something captured during generation ------------------------
+
+    def _capture_arguments(self, arguments: dict[str, Any], captured: dict[str, Any]) -> dict[str, Any]:
+        """Arguments to add to the generation call so that it fills ``captured``; none by default."""
+        return {}
+
+    def _image_extras(self, captured: dict[str, Any], index: int) -> dict[str, Any]:
+        """What refining image ``index`` needs from ``captured``; nothing by default."""
+        return {}
+
+    # -- the call ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _refined_call(self, *args: Any, **kwargs: Any) -> Any:
+        generate = super(RefineMixin, self).__call__  # the diffusers __call__ of this family
+        arguments = _bind(generate, args, kwargs)
+        output_type = arguments.get("output_type", "pil")
+        if output_type not in _PIXEL_OUTPUTS:
+            # Latents (or an output type diffusers will reject): nothing to score; pass through.
+            result = generate(**arguments)
+            records = self._latent_records(arguments, result)
+            self._finish(records)
+            return _with_images(result, _images_of(result), records)
+
+        captured: dict[str, Any] = {}
+        start = time.perf_counter()
+        result = generate(**{**arguments, **self._capture_arguments(arguments, captured), "output_type": "pt"})
+        images = _images_of(result)
+        seconds = (time.perf_counter() - start) / max(1, len(images))
+
+        final, records = self._score_and_refine(images, arguments, result, captured, seconds)
+        self._finish(records)
+        return _with_images(result, _to_output_type(final, output_type), records)
+
+    def _score_and_refine(
+        self,
+        images: torch.Tensor,
+        arguments: dict[str, Any],
+        result: Any,
+        captured: dict[str, Any],
+        generate_seconds: float,
+    ) -> tuple[torch.Tensor, list[QualityRecord]]:
+        policy = self.policy
+        prompts = _per_image(arguments.get("prompt"), len(images))
+        negatives = _per_image(arguments.get("negative_prompt"), len(images))
+        generators = _per_image(arguments.get("generator"), len(images))
+        steps = arguments.get("num_inference_steps") or _call_default(self, "num_inference_steps")
+        flagged = _per_image(getattr(result, "nsfw_content_detected", None), len(images))
+        records = [
+            self._record(i, prompts[i], negatives[i], generators[i], timings={"generate": generate_seconds})
+            for i in range(len(images))
+        ]
+
+        valid = [i for i in range(len(images)) if self._check_image(images[i], flagged[i], records[i])]
+        reports = self._score(images, valid, prompts, records)
+        final = images
+        for i, report in reports.items():
+            record = records[i]
+            if record.arm == "control":
+                record.reason = "control arm: scored only"
+                continue
+            if not policy.needs_refinement(report.p, report.a):
+                record.reason = (
+                    f"p {report.p:.2f} >= {policy.p_threshold:.2f} and a {report.a:.2f} >= {policy.a_threshold:.2f}"
+                )
+                continue
+            request = StageRequest(
+                image=images[i].float(),
+                prompt=prompts[i],
+                negative_prompt=negatives[i],
+                strength=1.0,
+                num_inference_steps=steps,
+                generator=generators[i],
+                call_kwargs={name: arguments[name] for name in REFINE_CALL_ARGUMENTS if name in arguments},
+                extras=self._image_extras(captured, i),
+            )
+            refined = self._refine(report, request, record)
+            if refined is not None:
+                final = final if final is not images else images.clone()
+                final[i] = refined.to(images.dtype)
+        for record in records:
+            record.timings["total"] = sum(record.timings.values())
+        return final, records
+
+    def _record(self, index: int, prompt: str | None, negative: str | None, generator: Any,
+                timings: dict[str, float]) -> QualityRecord:
+        seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
+        return QualityRecord(
+            run_id=self.run_id,
+            pipeline_class=type(self).__name__,
+            model_id=None if self.name_or_path is None else str(self.name_or_path),
+            prompt=prompt,
+            negative_prompt=negative,
+            seed=seed,
+            image_index=index,
+            arm=assign_arm(self.run_id, prompt, seed, index, self.policy.ab_split),
+            decision="skipped",
+            reason="",
+            timings=timings,
+            policy=self.policy.to_dict(),
+        )
+
+    def _check_image(self, image: torch.Tensor, flagged: bool | None, record: QualityRecord) -> bool:
+        """Images a safety checker blacked out, or with NaN/inf, are recorded and never refined."""
+        problem = None
+        if flagged:
+            problem = "flagged by the safety checker"
+        elif not torch.isfinite(image).all():
+            problem = "NaN or infinite values"
+        elif not image.any():
+            problem = "all black"
+        if problem is not None:
+            record.reason = f"skipped: invalid image ({problem})"
+        return problem is None
+
+    def _score(
+        self, images: torch.Tensor, valid: list[int], prompts: list[str | None], records: list[QualityRecord]
+    ) -> dict[int, QualityReport]:
+        if not valid:
+            return {}
+        start = time.perf_counter()
+        try:
+            texts = [prompts[i] if prompts[i] and prompts[i].strip() else None for i in valid]
+            reports = self.quality_scorer().score([images[i] for i in valid], texts)
+        except Exception as error:
+            if self.policy.strict:
+                raise
+            logger.error("grefine-hooks: scoring failed, images returned unrefined: %r", error)
+            for i in valid:
+                records[i].reason = "skipped: scoring raised"
+                records[i].error = f"{type(error).__name__}: {error}"
+            return {}
+        seconds = (time.perf_counter() - start) / len(valid)
+        for i, report in zip(valid, reports):
+            record = records[i]
+            record.p_before, record.a_before = report.p, report.a
+            record.timings["score"] = seconds
+            record.maps = report.summary()["maps"]
+            record.maps.pop("size", None)
+            record.phrases = [vars(phrase) for phrase in report.phrases]
+            record.emphasized_prompt = report.emphasized_prompt
+        return dict(zip(valid, reports))
+
+    def _refine(self, report: QualityReport, request: StageRequest, record: QualityRecord) -> torch.Tensor | None:
+        """Runs the refiner; returns the image to use, or None to keep the generated one."""
+        refiner = Refiner(self.refine_backend, self.quality_scorer(), self.policy)
+        try:
+            outcome = refiner.refine(request.image, report, request)
+        except Exception as error:
+            if self.policy.strict:
+                raise
+            logger.error("grefine-hooks: refinement failed, original image returned: %r", error)
+            record.decision, record.reason = "failed", "refinement raised"
+            record.error = f"{type(error).__name__}: {error}"
+            return None
+        record.decision, record.reason, record.guard = outcome.decision, outcome.reason, outcome.guard
+        record.stage1_strength, record.stage1_steps = outcome.stage1_strength, outcome.stage1_steps
+        record.stage2_strength, record.stage2_steps = outcome.stage2_strength, outcome.stage2_steps
+        record.maps["mask_share"] = outcome.mask.share
+        record.timings.update(outcome.timings)
+        if outcome.after is not None:
+            record.p_after, record.a_after = outcome.after.p, outcome.after.a
+        return outcome.image if outcome.decision == "refined" else None
+
+    def _latent_records(self, arguments: dict[str, Any], result: Any) -> list[QualityRecord]:
+        count = len(_images_of(result))
+        prompts = _per_image(arguments.get("prompt"), count)
+        negatives = _per_image(arguments.get("negative_prompt"), count)
+        generators = _per_image(arguments.get("generator"), count)
+        records = []
+        for i in range(count):
+            record = self._record(i, prompts[i], negatives[i], generators[i], timings={})
+            record.reason = "skipped: latent output (no pixels to score)"
+            records.append(record)
+        return records
+
+    def _finish(self, records: list[QualityRecord]) -> None:
+        """Keeps the records on the pipeline and appends them to the log, unless that fails.
+
+        Records the log could not take stay queued and are written first on the next call, so a
+        passing log failure loses nothing; ``strict`` raises instead.
+        """
+        self.last_quality = records
+        if self.quality_log is None:
+            return
+        pending = [*getattr(self, "_unlogged", []), *records]
+        try:
+            self.quality_log.write_many(pending)
+        except Exception as error:
+            if self.policy.strict:
+                raise
+            logger.error("grefine-hooks: quality log write failed, %d record(s) kept for retry: %r", len(pending), error)
+            self._unlogged = pending
+        else:
+            self._unlogged = []
+
+
+def _diffusers_base(cls: type) -> type:
+    """The diffusers pipeline class a refined class extends."""
+    for base in cls.__mro__:
+        if issubclass(base, DiffusionPipeline) and base.__module__.startswith("diffusers."):
+            return base
+    raise TypeError(f"{cls.__name__} does not extend a diffusers pipeline")
+
+
+def _resolvable(library: str, class_name: str) -> bool:
+    """Whether diffusers' loader will find ``class_name`` under the recorded ``library``."""
+    if hasattr(diffusers.pipelines, library):
+        return True
+    module = sys.modules.get(library)
+    return module is not None and hasattr(module, class_name)
+
+
+def _bind(function: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, as diffusers' signature binds them (its own TypeError if not)."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    arguments = dict(bound.arguments)
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+            arguments.update(arguments.pop(name))
+    return arguments
+
+
+def _call_default(pipe: DiffusionPipeline, argument: str) -> Any:
+    return inspect.signature(type(pipe).__call__).parameters[argument].default
+
+
+def _per_image(value: Any, count: int) -> list[Any]:
+    """One value per output image: a single value repeats, a per-prompt list spreads over its images."""
+    if value is None or isinstance(value, (str, torch.Generator, bool)):
+        return [value] * count
+    values = list(value)
+    if not values or count % len(values):
+        return [None] * count
+    repeat = count // len(values)
+    return [values[i // repeat] for i in range(count)]
+
+
+def _images_of(result: Any) -> Any:
+    if isinstance(result, BaseOutput):
+        return result.images
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _to_output_type(images: torch.Tensor, output_type: str) -> Any:
+    """diffusers' own conversions, so an untouched image is bit-identical to plain diffusers."""
+    if output_type == "pt":
+        return images
+    array = VaeImageProcessor.pt_to_numpy(images)
+    return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
+
+
+def _with_images(result: Any, images: Any, records: list[QualityRecord]) -> Any:
+    """The pipeline's own output with ``images`` in it and, if it is an output object, ``.quality``."""
+    if isinstance(result, BaseOutput):
+        result.images = images
+        result.quality = records
+        return result
+    if isinstance(result, tuple):
+        return (images, *result[1:])
+    return images
+
+
+class RefinedStableDiffusionPipeline(RefineMixin, StableDiffusionPipeline):
+    """`StableDiffusionPipeline` (SD 1.x/2.x) with G-Refine scoring and refinement."""
+
+
+class RefinedStableDiffusionXLPipeline(RefineMixin, StableDiffusionXLPipeline):
+    """`StableDiffusionXLPipeline` with G-Refine scoring and refinement."""
+
+
+class RefinedPixArtAlphaPipeline(RefineMixin, PixArtAlphaPipeline):
+    """`PixArtAlphaPipeline` with G-Refine scoring and refinement (masked-latent loop)."""
+
+
+class RefinedPixArtSigmaPipeline(RefineMixin, PixArtSigmaPipeline):
+    """`PixArtSigmaPipeline` with G-Refine scoring and refinement (masked-latent loop)."""
+
+
+class RefinedStableCascadeCombinedPipeline(RefineMixin, StableCascadeCombinedPipeline):
+    """`StableCascadeCombinedPipeline` with G-Refine scoring and refinement in the decoder's latents.
+
+    The prior's image embeddings of each generated image condition its refinement; they are
+    captured through ``prior_callback_on_step_end`` (a callback you pass still runs first).
+
+    ``from_pretrained`` also loads checkpoints that record their VQGAN as ``("wuerstchen",
+    "PaellaVQModel")``, as the published Stable Cascade ones do: diffusers 0.42 moved that module
+    to its deprecated pipelines and no longer resolves the name.
+    """
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> DiffusionPipeline:
+        with _wuerstchen_module_name():
+            return super().from_pretrained(*args, **kwargs)
+
+    def _capture_arguments(self, arguments: dict[str, Any], captured: dict[str, Any]) -> dict[str, Any]:
+        user_callback = arguments.get("prior_callback_on_step_end")
+        inputs = list(arguments.get("prior_callback_on_step_end_tensor_inputs") or ["latents"])
+        if "latents" not in inputs:
+            inputs.append("latents")
+
+        def capture(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            outputs = user_callback(pipe, step, timestep, tensors) if user_callback is not None else {}
+            captured["image_embeddings"] = outputs.get("latents", tensors["latents"])
+            return outputs
+
+        return {"prior_callback_on_step_end": capture, "prior_callback_on_step_end_tensor_inputs": inputs}
+
+    def _image_extras(self, captured: dict[str, Any], index: int) -> dict[str, Any]:
+        embeddings = captured.get("image_embeddings")
+        return {} if embeddings is None else {"image_embeddings": embeddings[index]}
+
+
+@contextmanager
+def _wuerstchen_module_name() -> Iterator[None]:
+    """While loading, lets diffusers find its own Wuerstchen module under its old name.
+
+    diffusers looks a recorded library up as ``diffusers.pipelines.<name>`` first; since 0.42 the
+    Wuerstchen module lives in ``diffusers.pipelines.deprecated``. The name is removed afterwards.
+    """
+    from diffusers.pipelines.deprecated import wuerstchen
+
+    if hasattr(diffusers.pipelines, "wuerstchen"):
+        yield
+        return
+    diffusers.pipelines.wuerstchen = wuerstchen
+    try:
+        yield
+    finally:
+        del diffusers.pipelines.wuerstchen
+
+
+_REFINED_CLASSES: dict[type, type] = {
+    StableDiffusionPipeline: RefinedStableDiffusionPipeline,
+    StableDiffusionXLPipeline: RefinedStableDiffusionXLPipeline,
+    PixArtAlphaPipeline: RefinedPixArtAlphaPipeline,
+    PixArtSigmaPipeline: RefinedPixArtSigmaPipeline,
+    StableCascadeCombinedPipeline: RefinedStableCascadeCombinedPipeline,
+}
+
+
+def refined_class(pipeline_class: type) -> type:
+    """The refined subclass of a diffusers pipeline class (made on demand for other families)."""
+    base = _diffusers_base(pipeline_class)
+    if base not in _REFINED_CLASSES:
+        _REFINED_CLASSES[base] = type(
+            f"Refined{base.__name__}", (RefineMixin, base), {"__doc__": f"`{base.__name__}` with G-Refine."}
+        )
+    return _REFINED_CLASSES[base]
+
+
+def wrap(
+    pipe: DiffusionPipeline,
+    policy: RefinePolicy | None = None,
+    quality_log: QualityLog | str | None = None,
+    scorer: QualityScorer | None = None,
+) -> DiffusionPipeline:
+    """A refined pipeline over an existing one's very modules (nothing is copied).
+
+    Args:
+        pipe (`DiffusionPipeline`): a loaded diffusers text-to-image pipeline.
+        policy (`RefinePolicy`, *optional*): defaults to ``RefinePolicy()``.
+        quality_log (`QualityLog`, `str` or None): a log, or a ``.jsonl``/``.sqlite`` path, or None.
+        scorer (`QualityScorer`, *optional*): None loads ViT-B-16/openai on the first call.
+
+    Raises:
+        ValueError: for a family that cannot be refined, listing the supported ones.
+
+    Module offload hooks live on the shared modules and keep working; call
+    ``enable_model_cpu_offload()`` on the wrapped pipeline to also get its end-of-call offload.
+    """
+    refined_cls = refined_class(type(pipe))
+    parameters = inspect.signature(refined_cls.__init__).parameters
+    options = {name: pipe.config[name] for name in parameters if name in pipe.config and name not in pipe.components}
+    refined = refined_cls(**{k: v for k, v in pipe.components.items() if k in parameters}, **options)
+    if pipe.config.get("_name_or_path") is not None:
+        refined.register_to_config(_name_or_path=pipe.config["_name_or_path"])
+    refined.set_progress_bar_config(**progress_bar_config(pipe))
+    return refined.configure_refinement(policy=policy, quality_log=quality_log, scorer=scorer)
