@@ -79,6 +79,7 @@ class QualityRecord:
         timings (`dict[str, float]`): seconds per step (generate, score, stage1, stage2, rescore,
             total, ...). error (`str`, *optional*): the error a failed refinement raised.
         image_path, original_image_path (`str`, *optional*): where the images were saved.
+        map_paths (`dict[str, str]`): where map images were saved, by name (``"P"``, ``"A"``, ``"mask"``).
         maps (`dict[str, float]`): map summaries such as ``P_mean``, ``A_mean``, ``mask_share``.
         phrases (`list[dict]`): the prompt's phrases (noun, text, defect, ...), JSON-ready.
         emphasized_prompt (`str`, *optional*), policy (`dict`): ``RefinePolicy.to_dict()``.
@@ -113,6 +114,7 @@ class QualityRecord:
     error: str | None = None
     image_path: str | None = None
     original_image_path: str | None = None
+    map_paths: dict[str, str] = field(default_factory=dict)
     maps: dict[str, float] = field(default_factory=dict)
     phrases: list[dict] = field(default_factory=list)
     emphasized_prompt: str | None = None
@@ -155,6 +157,11 @@ class QualityRecord:
                 setattr(self, name, _unit(name, getattr(self, name)))
         self.timings = _number_dict("timings", self.timings, minimum=0.0)
         self.maps = _number_dict("maps", self.maps)
+        if not isinstance(self.map_paths, dict) or not all(
+            isinstance(path, (str, os.PathLike)) for path in self.map_paths.values()
+        ):
+            raise ValueError(f"map_paths must be a dict of name -> path, got {self.map_paths!r}")
+        self.map_paths = {str(name): os.fspath(path) for name, path in self.map_paths.items()}
         if not isinstance(self.phrases, list) or not all(isinstance(item, dict) for item in self.phrases):
             raise ValueError(f"phrases must be a list of dicts, got {self.phrases!r}")
         if not isinstance(self.policy, dict):
