@@ -132,6 +132,31 @@ def _train_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateConfig, GenerateJob
+
+    config = GenerateConfig(
+        family=args.family, prompts=args.prompts, out=args.out, model=args.model, tiny=args.tiny,
+        policy=args.policy, log=args.log, ab_split=args.ab_split, images_per_prompt=args.images_per_prompt,
+        seed=args.seed, steps=args.steps, device=args.device, dtype=_DTYPES.get(args.dtype),
+        quality_prompts=args.quality_prompts, run_id=args.run_id,
+    )
+    try:
+        job = GenerateJob(config)
+    except (ValueError, OSError) as error:
+        print(f"grefine generate: {error}", file=sys.stderr)
+        return 2
+    with job:
+        try:
+            if job.pending:  # a finished run needs no model
+                job.load()
+        except (ValueError, OSError) as error:
+            print(f"grefine generate: {error}", file=sys.stderr)
+            return 2
+        job.run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grefine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,7 +189,48 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--missing", choices=("error", "skip"), default="error", help="listed images not found")
     _add_clip_arguments(train, dtype=False)
     train.set_defaults(run=_train_prompts)
+
+    generate = commands.add_parser("generate", help="generate, score and refine images for a file of prompts")
+    generate.add_argument("--model", help="hub id or folder of the pipeline (not needed with --tiny)")
+    generate.add_argument(
+        "--family", required=True, choices=("sd15", "sdxl", "pixart-alpha", "pixart-sigma", "cascade")
+    )
+    generate.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line; '#' lines skipped")
+    generate.add_argument("--out", required=True, metavar="DIR", help="images/, maps/ and the default log go here")
+    generate.add_argument("--policy", metavar="FILE", help="RefinePolicy as a JSON object")
+    generate.add_argument("--log", metavar="FILE", help="quality log, .jsonl or .sqlite (default: DIR/quality.sqlite)")
+    generate.add_argument("--ab-split", type=float, help="share of images refined (overrides the policy's)")
+    generate.add_argument("--images-per-prompt", type=int, default=1, metavar="N")
+    generate.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed S + i")
+    generate.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
+    generate.add_argument("--device", help="torch device (default: the process's accelerate device)")
+    generate.add_argument("--dtype", choices=sorted(_DTYPES), help="pipeline dtype (default: float16 on CUDA)")
+    generate.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
+    generate.add_argument("--run-id", help="default: derived from DIR, so reruns resume the same run")
+    generate.add_argument("--tiny", action="store_true", help="offline tiny random-weight models (no --model)")
+    generate.set_defaults(run=_generate)
+
+    report = commands.add_parser("report", help="write a self-contained HTML A/B report of a quality log")
+    report.add_argument("log", metavar="LOG", help="quality log (.jsonl, .sqlite, .sqlite3 or .db)")
+    report.add_argument("--out", required=True, metavar="FILE", help="HTML file to write")
+    report.add_argument("--run-id", default=None, metavar="ID", help="report only this run (default: every record)")
+    report.add_argument(
+        "--max-thumbnails", type=int, default=50, metavar="N", help="refined/reverted images shown (default 50)"
+    )
+    report.set_defaults(run=_report)
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        path = write_report(args.log, args.out, run_id=args.run_id, max_thumbnails=args.max_thumbnails)
+    except (ValueError, OSError) as error:
+        print(f"grefine report: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
