@@ -72,12 +72,20 @@ class RefineMixin:
             not write it and ``.to()`` does not move it; it follows the pipeline on each call.
         run_id (`str`): groups records (and seeds the A/B split); one per pipeline by default.
         last_quality (`list[QualityRecord]`): the last call's records, also for ``return_dict=False``.
+        last_reports (`list[QualityReport | None]`): the last call's score of each image as
+            generated, maps ``P`` and ``A`` included (None where an image was not scored), so a
+            caller can save the maps without scoring again.
+        last_generated (`torch.Tensor`, *optional*): the last call's images as generated, before
+            any refinement, ``(N, 3, H, W)`` in [0, 1] (None for latent output), so a caller can
+            keep the original of a refined image without generating it again.
     """
 
     policy: RefinePolicy = RefinePolicy()
     quality_log: QualityLog | None = None
     scorer: QualityScorer | None = None
     last_quality: list[QualityRecord] = []
+    last_reports: list[QualityReport | None] = []
+    last_generated: torch.Tensor | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Gives each refined class diffusers' ``__call__`` signature and docstring, for help() and IDEs."""
@@ -190,7 +198,10 @@ class RefineMixin:
         if output_type not in _PIXEL_OUTPUTS:
             # Latents (or an output type diffusers will reject): nothing to score; pass through.
             result = generate(**arguments)
-            records = self._latent_records(arguments, result)
+            records = self._records(arguments, len(_images_of(result)), {})
+            for record in records:
+                record.reason = "skipped: latent output (no pixels to score)"
+            self.last_generated, self.last_reports = None, [None] * len(records)
             self._finish(records)
             return _with_images(result, _images_of(result), records)
 
@@ -200,9 +211,24 @@ class RefineMixin:
         images = _images_of(result)
         seconds = (time.perf_counter() - start) / max(1, len(images))
 
-        final, records = self._score_and_refine(images, arguments, result, captured, seconds)
+        records = self._records(arguments, len(images), {"generate": seconds})
+        try:
+            final, reports = self._score_and_refine(images, arguments, result, captured, records)
+        except BaseException as error:  # strict mode, or an interrupt: the records still go out
+            for record in records:
+                record.reason = record.reason or f"not processed: the call raised {type(error).__name__}"
+            self._finish(records)
+            raise
+        self.last_generated, self.last_reports = images, reports
         self._finish(records)
         return _with_images(result, _to_output_type(final, output_type), records)
+
+    def _records(self, arguments: dict[str, Any], count: int, timings: dict[str, float]) -> list[QualityRecord]:
+        """One record per output image, before anything is decided about it."""
+        prompts = _per_image(arguments.get("prompt"), count)
+        negatives = _per_image(arguments.get("negative_prompt"), count)
+        generators = _per_image(arguments.get("generator"), count)
+        return [self._record(i, prompts[i], negatives[i], generators[i], dict(timings)) for i in range(count)]
 
     def _score_and_refine(
         self,
@@ -210,18 +236,15 @@ class RefineMixin:
         arguments: dict[str, Any],
         result: Any,
         captured: dict[str, Any],
-        generate_seconds: float,
-    ) -> tuple[torch.Tensor, list[QualityRecord]]:
+        records: list[QualityRecord],
+    ) -> tuple[torch.Tensor, list[QualityReport | None]]:
+        """Scores, gates and refines each image, filling its record; returns the images to return."""
         policy = self.policy
         prompts = _per_image(arguments.get("prompt"), len(images))
         negatives = _per_image(arguments.get("negative_prompt"), len(images))
         generators = _per_image(arguments.get("generator"), len(images))
         steps = arguments.get("num_inference_steps") or _call_default(self, "num_inference_steps")
         flagged = _per_image(getattr(result, "nsfw_content_detected", None), len(images))
-        records = [
-            self._record(i, prompts[i], negatives[i], generators[i], timings={"generate": generate_seconds})
-            for i in range(len(images))
-        ]
 
         valid = [i for i in range(len(images)) if self._check_image(images[i], flagged[i], records[i])]
         reports = self._score(images, valid, prompts, records)
@@ -250,9 +273,7 @@ class RefineMixin:
             if refined is not None:
                 final = final if final is not images else images.clone()
                 final[i] = refined.to(images.dtype)
-        for record in records:
-            record.timings["total"] = sum(record.timings.values())
-        return final, records
+        return final, [reports.get(i) for i in range(len(images))]
 
     def _record(self, index: int, prompt: str | None, negative: str | None, generator: Any,
                 timings: dict[str, float]) -> QualityRecord:
@@ -295,12 +316,12 @@ class RefineMixin:
             texts = [prompts[i] if prompts[i] and prompts[i].strip() else None for i in valid]
             reports = self.quality_scorer().score([images[i] for i in valid], texts)
         except Exception as error:
-            if self.policy.strict:
-                raise
-            logger.error("grefine-hooks: scoring failed, images returned unrefined: %r", error)
             for i in valid:
                 records[i].reason = "skipped: scoring raised"
                 records[i].error = f"{type(error).__name__}: {error}"
+            if self.policy.strict:
+                raise
+            logger.error("grefine-hooks: scoring failed, images returned unrefined: %r", error)
             return {}
         seconds = (time.perf_counter() - start) / len(valid)
         for i, report in zip(valid, reports):
@@ -319,11 +340,11 @@ class RefineMixin:
         try:
             outcome = refiner.refine(request.image, report, request)
         except Exception as error:
+            record.decision, record.reason = "failed", "refinement raised"
+            record.error = f"{type(error).__name__}: {error}"
             if self.policy.strict:
                 raise
             logger.error("grefine-hooks: refinement failed, original image returned: %r", error)
-            record.decision, record.reason = "failed", "refinement raised"
-            record.error = f"{type(error).__name__}: {error}"
             return None
         record.decision, record.reason, record.guard = outcome.decision, outcome.reason, outcome.guard
         record.stage1_strength, record.stage1_steps = outcome.stage1_strength, outcome.stage1_steps
@@ -334,24 +355,15 @@ class RefineMixin:
             record.p_after, record.a_after = outcome.after.p, outcome.after.a
         return outcome.image if outcome.decision == "refined" else None
 
-    def _latent_records(self, arguments: dict[str, Any], result: Any) -> list[QualityRecord]:
-        count = len(_images_of(result))
-        prompts = _per_image(arguments.get("prompt"), count)
-        negatives = _per_image(arguments.get("negative_prompt"), count)
-        generators = _per_image(arguments.get("generator"), count)
-        records = []
-        for i in range(count):
-            record = self._record(i, prompts[i], negatives[i], generators[i], timings={})
-            record.reason = "skipped: latent output (no pixels to score)"
-            records.append(record)
-        return records
 
     def _finish(self, records: list[QualityRecord]) -> None:
         """Keeps the records on the pipeline and appends them to the log, unless that fails.
 
         Records the log could not take stay queued and are written first on the next call, so a
-        passing log failure loses nothing; ``strict`` raises instead.
+        passing log failure loses nothing; ``strict`` also raises (the records stay queued).
         """
+        for record in records:
+            record.timings["total"] = sum(seconds for step, seconds in record.timings.items() if step != "total")
         self.last_quality = records
         if self.quality_log is None:
             return
@@ -359,10 +371,10 @@ class RefineMixin:
         try:
             self.quality_log.write_many(pending)
         except Exception as error:
+            self._unlogged = pending
             if self.policy.strict:
                 raise
             logger.error("grefine-hooks: quality log write failed, %d record(s) kept for retry: %r", len(pending), error)
-            self._unlogged = pending
         else:
             self._unlogged = []
 
@@ -541,6 +553,8 @@ def wrap(
     Module offload hooks live on the shared modules and keep working; call
     ``enable_model_cpu_offload()`` on the wrapped pipeline to also get its end-of-call offload.
     """
+    if not isinstance(pipe, DiffusionPipeline):
+        raise TypeError(f"pipe must be a diffusers DiffusionPipeline, got {type(pipe).__name__}")
     refined_cls = refined_class(type(pipe))
     parameters = inspect.signature(refined_cls.__init__).parameters
     options = {name: pipe.config[name] for name in parameters if name in pipe.config and name not in pipe.components}
