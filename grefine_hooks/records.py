@@ -382,10 +382,16 @@ class _JsonlStore:
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     # A writer died mid-line: leave its fragment on a line of its own.
                     data = b"\n" + data
-                view = memoryview(data)
-                while view:  # one write unless the disk is full; the lock keeps a retry contiguous
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
+                try:
+                    view = memoryview(data)
+                    while view:  # one write unless the disk is full; the lock keeps a retry contiguous
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                except BaseException:
+                    # All or nothing: a failed append leaves no partial record behind to be
+                    # duplicated when the caller writes the batch again.
+                    os.ftruncate(fd, size)
+                    raise
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 

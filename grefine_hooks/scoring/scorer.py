@@ -354,6 +354,8 @@ def _as_prompt_list(prompts: str | Sequence[str | None] | None, count: int) -> l
     """One checked prompt per image; empty or whitespace prompts are errors, not silent zeros."""
     if prompts is None or isinstance(prompts, str):
         prompt_list: list[str | None] = [prompts] * count
+    elif not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a list of strings or None, got {type(prompts).__name__}")
     else:
         prompt_list = list(prompts)
         if len(prompt_list) != count:
