@@ -6,12 +6,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# Names of the torch dtypes the commands accept; torch is imported by the commands that need it,
+# so light commands (``grefine report``) start without it.
+_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _add_clip_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
@@ -19,11 +23,20 @@ def _add_clip_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> 
     parser.add_argument("--pretrained", default="openai", help="open_clip weights tag or file")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     if dtype:
-        parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="CLIP dtype")
+        parser.add_argument("--dtype", choices=_DTYPES, default=None, help="CLIP dtype")
 
 
 def _default_device(device: str | None) -> str:
+    import torch
+
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype called ``name`` (None stays None: the model's own)."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
 
 
 def _open_image(path: str) -> Image.Image:
@@ -69,7 +82,7 @@ def _score(args: argparse.Namespace) -> int:
             args.clip,
             args.pretrained,
             device=_default_device(args.device),
-            dtype=_DTYPES.get(args.dtype),
+            dtype=_dtype(args.dtype),
             quality_prompts=args.quality_prompts,
         )
     except (ValueError, FileNotFoundError) as error:
@@ -138,7 +151,7 @@ def _generate(args: argparse.Namespace) -> int:
     config = GenerateConfig(
         family=args.family, prompts=args.prompts, out=args.out, model=args.model, tiny=args.tiny,
         policy=args.policy, log=args.log, ab_split=args.ab_split, images_per_prompt=args.images_per_prompt,
-        seed=args.seed, steps=args.steps, device=args.device, dtype=_DTYPES.get(args.dtype),
+        seed=args.seed, steps=args.steps, device=args.device, dtype=_dtype(args.dtype),
         quality_prompts=args.quality_prompts, run_id=args.run_id,
     )
     try:
@@ -204,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed S + i")
     generate.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
     generate.add_argument("--device", help="torch device (default: the process's accelerate device)")
-    generate.add_argument("--dtype", choices=sorted(_DTYPES), help="pipeline dtype (default: float16 on CUDA)")
+    generate.add_argument("--dtype", choices=_DTYPES, help="pipeline dtype (default: float16 on CUDA)")
     generate.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
     generate.add_argument("--run-id", help="default: derived from DIR, so reruns resume the same run")
     generate.add_argument("--tiny", action="store_true", help="offline tiny random-weight models (no --model)")

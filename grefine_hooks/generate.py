@@ -47,7 +47,7 @@ from .pipelines import (
     wrap,
 )
 from .policy import RefinePolicy
-from .records import ARMS, DECISIONS, QualityLog, QualityRecord
+from .records import ARMS, DECISIONS, QualityLog, QualityRecord, record_path, resolve_record_path
 from .scoring.scorer import QualityScorer
 from .visualize import overlay
 
@@ -185,24 +185,6 @@ def default_run_id(out: str | Path) -> str:
     resolved = Path(out).resolve()
     digest = hashlib.sha256(str(resolved).encode("utf-8")).hexdigest()[:12]
     return f"{resolved.name or 'out'}-{digest}"
-
-
-def record_path(path: str | Path, log_path: str | Path) -> str:
-    """How a record stores ``path``: relative to the log's directory when inside it, else absolute.
-
-    A log and the images under its directory can then be moved or copied together.
-    """
-    resolved = Path(path).resolve()
-    try:
-        return resolved.relative_to(Path(log_path).parent.resolve()).as_posix()
-    except ValueError:
-        return str(resolved)
-
-
-def resolve_record_path(value: str, log_path: str | Path) -> Path:
-    """The file a record's path names (the inverse of `record_path`)."""
-    path = Path(value)
-    return path if path.is_absolute() else Path(log_path).parent / path
 
 
 class GenerateJob:

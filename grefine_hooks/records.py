@@ -231,6 +231,24 @@ def assign_arm(run_id: str, prompt: str | None, seed: int | None, image_index: i
     return "treatment" if draw < ab_split else "control"
 
 
+def record_path(path: str | Path, log_path: str | Path) -> str:
+    """How a record stores ``path``: relative to the log's directory when inside it, else absolute.
+
+    A log and the images under its directory can then be moved or copied together.
+    """
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path(log_path).parent.resolve()).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+def resolve_record_path(value: str, log_path: str | Path) -> Path:
+    """The file a record's path names (the inverse of `record_path`)."""
+    path = Path(value)
+    return path if path.is_absolute() else Path(log_path).parent / path
+
+
 class QualityLog:
     """An append-only log of :class:`QualityRecord`, in a JSONL file or a SQLite database.
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from .records import ARMS, DECISIONS, QualityLog, QualityRecord
+from .records import ARMS, DECISIONS, QualityLog, QualityRecord, resolve_record_path
 
 THUMBNAIL_SIZE = 256
 DEFAULT_MAX_THUMBNAILS = 50
@@ -99,7 +99,6 @@ def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails:
             "it is corrupted or not a quality log"
         )
     summary = log.summary(run_id=run_id)
-    base_dir = log.path.parent
     compared = [record for record in records if record.decision in _COMPARED]
     failed = [record for record in records if record.decision == "failed"]
     scope = f"run {run_id!r}" if run_id is not None else f"{len({record.run_id for record in records})} run(s)"
@@ -120,7 +119,7 @@ def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails:
         parts.append(f'<p class="warning" id="no-records">The log holds no records {_text(missing)}.</p>')
     parts += ["<h2>Arms</h2>", _summary_table(summary)]
     parts += ["<h2>Scores before and after refinement</h2>", _scatter_section(compared)]
-    parts += ["<h2>Refined and reverted images</h2>", _cards_section(compared, base_dir, max_thumbnails)]
+    parts += ["<h2>Refined and reverted images</h2>", _cards_section(compared, log.path, max_thumbnails)]
     if failed:
         parts += ["<h2>Failed refinements</h2>", _failed_section(failed, max_thumbnails)]
     parts.append("</body></html>")
@@ -221,11 +220,11 @@ def _scatter_panel(offset: int, name: str, points: list[tuple[float, float, Qual
     return "".join(parts)
 
 
-def _cards_section(records: list[QualityRecord], base_dir: Path, max_thumbnails: int) -> str:
+def _cards_section(records: list[QualityRecord], log_path: Path, max_thumbnails: int) -> str:
     if not records:
         return '<p class="note" id="no-cards">No image was refined or reverted.</p>'
     shown = records[:max_thumbnails]
-    parts = [_card(number, record, base_dir) for number, record in enumerate(shown, start=1)]
+    parts = [_card(number, record, log_path) for number, record in enumerate(shown, start=1)]
     omitted = len(records) - len(shown)
     if omitted:
         parts.append(
@@ -235,16 +234,16 @@ def _cards_section(records: list[QualityRecord], base_dir: Path, max_thumbnails:
     return "\n".join(parts)
 
 
-def _card(number: int, record: QualityRecord, base_dir: Path) -> str:
+def _card(number: int, record: QualityRecord, log_path: Path) -> str:
     """Original, refined, then the map overlays of one record, with its prompt, scores and decision."""
     second = "refined" if record.decision == "refined" else "returned image (reverted: the guard kept the original)"
     figures = [
-        _figure("original", record.original_image_path, base_dir),
-        _figure(second, record.image_path, base_dir),
+        _figure("original", record.original_image_path, log_path),
+        _figure(second, record.image_path, log_path),
     ]
     extra = sorted(set(record.map_paths) - set(_MAP_NAMES))
     for name in (*_MAP_NAMES, *extra):
-        figures.append(_figure(f"{name} overlay", record.map_paths.get(name), base_dir))
+        figures.append(_figure(f"{name} overlay", record.map_paths.get(name), log_path))
     facts = [
         f"{record.arm} arm",
         f"decision {record.decision}",
@@ -263,12 +262,12 @@ def _card(number: int, record: QualityRecord, base_dir: Path) -> str:
     )
 
 
-def _figure(caption: str, path: str | None, base_dir: Path) -> str:
+def _figure(caption: str, path: str | None, log_path: Path) -> str:
     """A thumbnail, or a note in its place saying why there is none (a report never fails on an image)."""
     if path is None:
         body = f'<div class="absent">no {_text(caption)} image recorded</div>'
     else:
-        resolved = Path(path) if Path(path).is_absolute() else base_dir / path
+        resolved = resolve_record_path(path, log_path)
         try:
             data = _thumbnail(resolved)
         except FileNotFoundError:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from grefine_hooks import QualityLog, RefinePolicy, wrap
 from grefine_hooks.cli import main
-from grefine_hooks.generate import record_path, resolve_record_path
+from grefine_hooks.records import record_path, resolve_record_path
 from grefine_hooks.testing import tiny_call_kwargs, tiny_pipeline
 
 PROMPTS = [
