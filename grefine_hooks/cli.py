@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from .errors import WeightsNotFoundError
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,7 +47,7 @@ def _open_image(path: str) -> Image.Image:
             image.load()
             return image
     except (OSError, UnidentifiedImageError) as error:
-        raise SystemExit(f"grefine score: cannot read image {path!r}: {error}") from error
+        raise ValueError(f"cannot read image {path!r}: {error}") from error
 
 
 def _print_report(path: str, report) -> None:
@@ -77,25 +79,14 @@ def _score(args: argparse.Namespace) -> int:
     from .scoring.scorer import QualityScorer
 
     images = [_open_image(path) for path in args.images]
-    try:
-        scorer = QualityScorer(
-            args.clip,
-            args.pretrained,
-            device=_default_device(args.device),
-            dtype=_dtype(args.dtype),
-            quality_prompts=args.quality_prompts,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"grefine score: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"grefine score: {error}", file=sys.stderr)
-        return 1
-    try:
-        reports = scorer.score(images, [args.prompt] * len(images))
-    except ValueError as error:
-        print(f"grefine score: {error}", file=sys.stderr)
-        return 2
+    scorer = QualityScorer(
+        args.clip,
+        args.pretrained,
+        device=_default_device(args.device),
+        dtype=_dtype(args.dtype),
+        quality_prompts=args.quality_prompts,
+    )
+    reports = scorer.score(images, [args.prompt] * len(images))
     if args.save_maps:
         for path, image, report in zip(args.images, images, reports):
             _save_maps(Path(args.save_maps), path, image, report)
@@ -110,30 +101,23 @@ def _score(args: argparse.Namespace) -> int:
 def _train_prompts(args: argparse.Namespace) -> int:
     from .scoring.prompt_training import train_quality_prompts
 
-    try:
-        result = train_quality_prompts(
-            args.ratings,
-            args.images,
-            args.out,
-            clip=args.clip,
-            pretrained=args.pretrained,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            val_split=args.val_split,
-            use_factors=args.factors,
-            n_ctx=args.n_ctx,
-            init_prompts=args.init_prompts,
-            seed=args.seed,
-            missing=args.missing,
-            device=_default_device(args.device),
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"grefine train-prompts: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"grefine train-prompts: {error}", file=sys.stderr)
-        return 1
+    result = train_quality_prompts(
+        args.ratings,
+        args.images,
+        args.out,
+        clip=args.clip,
+        pretrained=args.pretrained,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        val_split=args.val_split,
+        use_factors=args.factors,
+        n_ctx=args.n_ctx,
+        init_prompts=args.init_prompts,
+        seed=args.seed,
+        missing=args.missing,
+        device=_default_device(args.device),
+    )
     if result.skipped:
         print(f"skipped {len(result.skipped)} missing image(s): {', '.join(result.skipped)}")
     print(f"trained on {result.n_train} images, validated on {result.n_val}")
@@ -154,18 +138,9 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, device=args.device, dtype=_dtype(args.dtype),
         quality_prompts=args.quality_prompts, run_id=args.run_id,
     )
-    try:
-        job = GenerateJob(config)
-    except (ValueError, OSError) as error:
-        print(f"grefine generate: {error}", file=sys.stderr)
-        return 2
-    with job:
-        try:
-            if job.pending:  # a finished run needs no model
-                job.load()
-        except (ValueError, OSError) as error:
-            print(f"grefine generate: {error}", file=sys.stderr)
-            return 2
+    with GenerateJob(config) as job:  # checks every input before any model is loaded
+        if job.pending:  # a finished run needs no model
+            job.load()
         job.run()
     return 0
 
@@ -237,18 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    try:
-        path = write_report(args.log, args.out, run_id=args.run_id, max_thumbnails=args.max_thumbnails)
-    except (ValueError, OSError) as error:
-        print(f"grefine report: {error}", file=sys.stderr)
-        return 2
+    path = write_report(args.log, args.out, run_id=args.run_id, max_thumbnails=args.max_thumbnails)
     print(f"wrote {path}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a command; exit code 2 for bad input (the message says which), 1 for missing weights."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:
+        print(f"grefine {args.command}: {error}", file=sys.stderr)
+        return 1 if isinstance(error, WeightsNotFoundError) else 2
 
 
 if __name__ == "__main__":

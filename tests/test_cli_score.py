@@ -53,11 +53,11 @@ def test_text_output_lists_phrases_and_defects(clip_dir, image_path, capsys):
     assert "emphasized prompt" in out
 
 
-def test_unreadable_image_is_a_clear_error(clip_dir, tmp_path):
+def test_unreadable_image_is_a_clear_error(clip_dir, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    with pytest.raises(SystemExit, match="cannot read image"):
-        main(["score", str(bad), "--prompt", "a cat", "--clip", f"local-dir:{clip_dir}"])
+    assert main(["score", str(bad), "--prompt", "a cat", "--clip", f"local-dir:{clip_dir}"]) == 2
+    assert "grefine score: cannot read image" in capsys.readouterr().err
 
 
 def test_empty_prompt_exits_2(clip_dir, image_path, capsys):

@@ -13,6 +13,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from ..errors import WeightsNotFoundError
 from .alignment import AlignmentQuality, AlignmentResult, PhraseScore
 from .images import as_image_list, to_rgb_tensor
 from .learned_prompts import (
@@ -104,7 +105,7 @@ def load_clip(clip: str, pretrained: str | None) -> tuple[torch.nn.Module, Calla
     except RuntimeError as error:
         if "not found in built-ins" in str(error):
             raise ValueError(f"clip={clip!r} is not an open_clip model name: {error}") from error
-        raise OSError(
+        raise WeightsNotFoundError(
             f"Could not load CLIP {clip!r} with pretrained={pretrained!r}: {error}\n"
             "Without network access, provide the weights locally: on a connected machine run "
             f"`python -c \"import open_clip; open_clip.create_model_and_transforms('{clip}', "

@@ -48,6 +48,7 @@ def _lcm(env: dict[str, Any]):
 
 
 def _cli(env: dict[str, Any], *argv: str) -> None:
+    """Runs the CLI; a non-zero exit becomes SystemExit, its stderr message is checked by the test."""
     code = main(list(argv))
     if code:
         raise SystemExit(code)
@@ -95,8 +96,10 @@ CASES = [
     Case("corrupted SQLite log", lambda e: QualityLog(e["corrupt"]), (ValueError, sqlite3.DatabaseError), "corrupt.sqlite"),
     # CLI
     Case("cli: unreadable image", lambda e: _cli(e, "score", str(e["file"]), "--prompt", "a cat", "--clip", e["clip_dir"]), SystemExit, "cannot read image"),
-    Case("cli: empty prompt", lambda e: _cli(e, "score", str(e["image"]), "--prompt", "", "--clip", e["clip_dir"]), SystemExit, "2"),
-    Case("cli: missing ratings", lambda e: _cli(e, "train-prompts", "--ratings", "nope.csv", "--images", str(e["tmp"]), "--out", "p.safetensors", "--clip", e["clip_dir"]), SystemExit, "2"),
+    Case("cli: empty prompt", lambda e: _cli(e, "score", str(e["image"]), "--prompt", "", "--clip", e["clip_dir"]), SystemExit, "grefine score: prompt is empty"),
+    Case("cli: missing ratings", lambda e: _cli(e, "train-prompts", "--ratings", "nope.csv", "--images", str(e["tmp"]), "--out", "p.safetensors", "--clip", e["clip_dir"]), SystemExit, "grefine train-prompts: ratings file 'nope.csv'"),
+    Case("cli: empty prompts file", lambda e: _cli(e, "generate", "--tiny", "--family", "sd15", "--prompts", str(e["empty"]), "--out", str(e["tmp"] / "run")), SystemExit, "grefine generate: .*empty.txt"),
+    Case("cli: missing log for report", lambda e: _cli(e, "report", str(e["tmp"] / "none.sqlite"), "--out", str(e["tmp"] / "r.html")), SystemExit, "grefine report: .*none.sqlite"),
 ]
 
 
@@ -104,12 +107,13 @@ CASES = [
 def env(tmp_path_factory, tiny_clip_parts, scorer) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("bad")
     (tmp / "file.txt").write_text("a regular file")
+    (tmp / "empty.txt").write_text("# only a comment\n\n")
     (tmp / "corrupt.sqlite").write_bytes(b"this is not a database" * 100)
     IMAGE.save(tmp / "image.png")
     sd15 = tiny_pipeline("sd15")
     sd15.set_progress_bar_config(disable=True)
     return {
-        "tmp": tmp, "file": tmp / "file.txt", "corrupt": tmp / "corrupt.sqlite", "image": tmp / "image.png",
+        "tmp": tmp, "file": tmp / "file.txt", "empty": tmp / "empty.txt", "corrupt": tmp / "corrupt.sqlite", "image": tmp / "image.png",
         "scorer": scorer, "clip": tiny_clip_parts, "sd15": sd15,
         "clip_dir": f"local-dir:{save_tiny_clip(tiny_clip_parts[0], tmp / 'clip')}",
     }
