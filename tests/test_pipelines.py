@@ -375,3 +375,52 @@ def test_bad_wrap_arguments(scorer):
 def test_pil_outputs_are_images(scorer):
     output = _call(wrap(_pipe("pixart-sigma"), policy=REFINE_ALL, scorer=scorer), "pixart-sigma")
     assert isinstance(output.images[0], Image.Image) and output.images[0].size == (64, 64)
+
+
+def _tiny_sd3():
+    """A tiny StableDiffusion3Pipeline (not one of FAMILIES): 16-channel latents as SD3 has."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from grefine_hooks.testing.tokenizers import clip_tokenizer, t5_tokenizer
+
+    def clip_text():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, max_position_embeddings=77, hidden_size=32, intermediate_size=37, projection_dim=32,
+            num_hidden_layers=2, num_attention_heads=4, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        t5_tok = t5_tokenizer()
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(
+                sample_size=32, patch_size=1, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
+                num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+            ),
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            text_encoder=clip_text(), tokenizer=clip_tokenizer(),
+            text_encoder_2=clip_text(), tokenizer_2=clip_tokenizer(pad_token="!"),
+            text_encoder_3=T5EncoderModel(T5Config(
+                vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            )),
+            tokenizer_3=t5_tok,
+            vae=AutoencoderKL(
+                sample_size=32, block_out_channels=(4,), layers_per_block=1, latent_channels=16, norm_num_groups=1,
+                use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+            ),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_stable_diffusion_3_refines_through_the_generic_path(scorer):
+    from diffusers import StableDiffusion3InpaintPipeline, StableDiffusion3Pipeline
+
+    refined = wrap(_tiny_sd3(), policy=REFINE_ALL, scorer=scorer)
+    assert isinstance(refined, StableDiffusion3Pipeline) and type(refined).__name__ == "RefinedStableDiffusion3Pipeline"
+    assert refined.refine_backend.inpaint_class is StableDiffusion3InpaintPipeline
+    output = refined("a red book", height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    [record] = output.quality
+    assert record.decision == "refined" and record.error is None and output.images[0].size == (32, 32)
