@@ -242,6 +242,7 @@ def test_training_continues_from_a_prompts_file(trained, rated, tiny_clip_parts,
     model, preprocess, tokenizer = tiny_clip_parts
     with pytest.raises(ValueError, match="init_prompts .* for CLIP grefine-tiny-vit/seed0, not ViT-B-16/openai"):
         train_quality_prompts(
+            # clip/pretrained only name the tiny model= here: nothing is loaded from a hub
             rated["ratings"], rated["dir"], tmp_path / "y.safetensors", clip="ViT-B-16", pretrained="openai",
             model=model, preprocess=preprocess, tokenizer=tokenizer, init_prompts=trained.path, progress=False,
         )
