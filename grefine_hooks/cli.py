@@ -1,4 +1,4 @@
-"""The ``grefine`` command line."""
+"""The grefine command line: score images, train quality prompts, generate in batch, report."""
 
 from __future__ import annotations
 
