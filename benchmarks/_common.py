@@ -68,9 +68,10 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from grefine_hooks import QualityScorer  # noqa: E402
+from grefine_hooks.testing import FAMILIES  # noqa: E402
+from grefine_hooks.testing.pipelines import near_deterministic_posterior, quiet_output  # noqa: E402
 from grefine_hooks.testing.tokenizers import clip_tokenizer, t5_tokenizer  # noqa: E402
 
-FAMILIES = ("sd15", "sdxl", "pixart-alpha", "pixart-sigma", "cascade")
 DEFAULT_PROMPT = "a red book and a yellow vase on a wooden table"
 
 # -- published configs ----------------------------------------------------------------------------
@@ -279,31 +280,15 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def _tame_vae(vae: AutoencoderKL) -> AutoencoderKL:
-    """A near-deterministic posterior (log-variance -30), as a trained VAE has."""
-    with torch.no_grad():
-        half = slice(vae.config.latent_channels, None)
-        vae.quant_conv.weight[half] = 0.0
-        vae.quant_conv.bias[half] = -30.0
-    return vae
-
-
-def _quiet(layer: torch.nn.Module) -> None:
-    """Scales a denoiser's output layer to 1 % of its init so random samples stay in range."""
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            parameter.mul_(0.01)
-
-
 def _sd15() -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(**SD15_UNET)
-    _quiet(unet.conv_out)
+    quiet_output(unet.conv_out)
     scheduler = PNDMScheduler(  # scheduler/scheduler_config.json
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
     )
     return StableDiffusionPipeline(
-        vae=_tame_vae(AutoencoderKL(**SD_VAE)),
+        vae=near_deterministic_posterior(AutoencoderKL(**SD_VAE)),
         text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
         tokenizer=clip_tokenizer(),
         unet=unet,
@@ -316,13 +301,13 @@ def _sd15() -> StableDiffusionPipeline:
 
 def _sdxl() -> StableDiffusionXLPipeline:
     unet = UNet2DConditionModel(**SDXL_UNET)
-    _quiet(unet.conv_out)
+    quiet_output(unet.conv_out)
     scheduler = EulerDiscreteScheduler(  # scheduler/scheduler_config.json
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1, timestep_spacing="leading",
     )
     return StableDiffusionXLPipeline(
-        vae=_tame_vae(AutoencoderKL(**SDXL_VAE)),
+        vae=near_deterministic_posterior(AutoencoderKL(**SDXL_VAE)),
         text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)),
         tokenizer=clip_tokenizer(),
@@ -344,11 +329,11 @@ def _pixart(pipeline_class: type, transformer_config: dict, vae_config: dict, t5
         )
     )
     transformer = PixArtTransformer2DModel(**transformer_config)
-    _quiet(transformer.proj_out)
+    quiet_output(transformer.proj_out)
     return pipeline_class(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        vae=_tame_vae(AutoencoderKL(**vae_config)),
+        vae=near_deterministic_posterior(AutoencoderKL(**vae_config)),
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),  # scheduler/scheduler_config.json: the defaults
     )
@@ -359,8 +344,8 @@ def _cascade() -> StableCascadeCombinedPipeline:
     decoder = StableCascadeUNet(**CASCADE_DECODER_LITE)
     prior = StableCascadeUNet(**CASCADE_PRIOR_LITE)
     for unet in (decoder, prior):
-        _quiet(unet.clf)
-    pipe = StableCascadeCombinedPipeline(
+        quiet_output(unet.clf)
+    return StableCascadeCombinedPipeline(
         tokenizer=clip_tokenizer(),
         text_encoder=text_encoder,
         decoder=decoder,
@@ -371,8 +356,6 @@ def _cascade() -> StableCascadeCombinedPipeline:
         prior_tokenizer=clip_tokenizer(),
         prior_scheduler=DDPMWuerstchenScheduler(),
     )
-    pipe.register_to_config(vqgan=(PaellaVQModel.__module__, PaellaVQModel.__name__))
-    return pipe
 
 
 def build_pipeline(

@@ -109,17 +109,24 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         sample_size=2 * _LATENT_SIDE,
     )
+    near_deterministic_posterior(vae)
     with torch.no_grad():
-        log_variance = slice(vae.config.latent_channels, None)
-        vae.quant_conv.weight[log_variance] = 0.0
-        vae.quant_conv.bias[log_variance] = -30.0
         probe = torch.rand(2, 3, 2 * _LATENT_SIDE, 2 * _LATENT_SIDE) * 2 - 1
         latents = vae.encode(probe).latent_dist.mode()
     vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
     return vae
 
 
-def _quiet_output(layer: torch.nn.Module) -> torch.nn.Module:
+def near_deterministic_posterior(vae: AutoencoderKL) -> AutoencoderKL:
+    """Sets a random VAE's posterior log-variance to -30, as a trained VAE's nearly is."""
+    with torch.no_grad():
+        log_variance = slice(vae.config.latent_channels, None)
+        vae.quant_conv.weight[log_variance] = 0.0
+        vae.quant_conv.bias[log_variance] = -30.0
+    return vae
+
+
+def quiet_output(layer: torch.nn.Module) -> torch.nn.Module:
     """Scales a denoiser's output layer to 1 % of its random init.
 
     An untrained denoiser predicts noise far larger than a trained one, so its samples blow up
@@ -146,7 +153,7 @@ def _sd15() -> StableDiffusionPipeline:
         cross_attention_dim=_TEXT_WIDTH,
         attention_head_dim=8,
     )
-    _quiet_output(unet.conv_out)
+    quiet_output(unet.conv_out)
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -186,7 +193,7 @@ def _sdxl() -> StableDiffusionXLPipeline:
         # six size/crop numbers embedded at 8 each, plus the second encoder's pooled projection
         projection_class_embeddings_input_dim=6 * 8 + _TEXT_WIDTH,
     )
-    _quiet_output(unet.conv_out)
+    quiet_output(unet.conv_out)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -234,7 +241,7 @@ def _pixart(pipeline_class: type[DiffusionPipeline]) -> DiffusionPipeline:
         cross_attention_dim=16,
         caption_channels=_TEXT_WIDTH,
     )
-    _quiet_output(transformer.proj_out)
+    quiet_output(transformer.proj_out)
     return pipeline_class(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
