@@ -240,10 +240,9 @@ def test_training_continues_from_a_prompts_file(trained, rated, tiny_clip_parts,
     with pytest.raises(ValueError, match="n_ctx=8"):
         _train(rated, tiny_clip_parts, tmp_path / "x.safetensors", init_prompts=trained.path, n_ctx=8)
     model, preprocess, tokenizer = tiny_clip_parts
-    with pytest.raises(ValueError, match="init_prompts .* for CLIP grefine-tiny-vit/seed0, not ViT-B-16/openai"):
-        train_quality_prompts(
-            # clip/pretrained only name the tiny model= here: nothing is loaded from a hub
-            rated["ratings"], rated["dir"], tmp_path / "y.safetensors", clip="ViT-B-16", pretrained="openai",
+    with pytest.raises(ValueError, match="init_prompts .* for CLIP grefine-tiny-vit/seed0, not grefine-tiny-vit/seed1"):
+        train_quality_prompts(  # clip/pretrained only name the tiny model= here: nothing is loaded
+            rated["ratings"], rated["dir"], tmp_path / "y.safetensors", clip="grefine-tiny-vit", pretrained="seed1",
             model=model, preprocess=preprocess, tokenizer=tokenizer, init_prompts=trained.path, progress=False,
         )
 
