@@ -29,7 +29,9 @@ from typing import Any, Iterable, Mapping
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2 added request_id and replica (who asked for the image, which server made it); version-1
+# records read back with both None.
+SCHEMA_VERSION = 2
 ARMS = ("control", "treatment")
 DECISIONS = ("skipped", "refined", "reverted", "failed")
 # Decisions in which refinement ran: stage 1 started, whatever came of it.
@@ -40,7 +42,9 @@ ADDED_TIMING_KEYS = ("score", "stage1", "stage2", "rescore")
 SINKS = {".jsonl": "jsonl", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
 
 _SCORE_FIELDS = ("p_before", "a_before", "p_after", "a_after")
-_OPTIONAL_TEXT_FIELDS = ("model_id", "prompt", "negative_prompt", "guard", "error", "emphasized_prompt")
+_OPTIONAL_TEXT_FIELDS = (
+    "model_id", "prompt", "negative_prompt", "guard", "error", "emphasized_prompt", "request_id", "replica"
+)
 _PATH_FIELDS = ("image_path", "original_image_path")
 # SQLite writers wait this long for each other before giving up.
 _BUSY_TIMEOUT_SECONDS = 30.0
@@ -83,6 +87,9 @@ class QualityRecord:
         maps (`dict[str, float]`): map summaries such as ``P_mean``, ``A_mean``, ``mask_share``.
         phrases (`list[dict]`): the prompt's phrases (noun, text, defect, ...), JSON-ready.
         emphasized_prompt (`str`, *optional*), policy (`dict`): ``RefinePolicy.to_dict()``.
+        request_id (`str`, *optional*): the service request that asked for the image, so an
+            app's own logs and the quality log join; None outside a service.
+        replica (`str`, *optional*): which server process (or Ray replica) made the image.
 
     Numbers are stored as plain ``float``/``int`` (a ``numpy.float32`` score becomes a ``float``) so
     the record always serialises; anything else invalid raises ValueError naming the field.
@@ -119,6 +126,8 @@ class QualityRecord:
     phrases: list[dict] = field(default_factory=list)
     emphasized_prompt: str | None = None
     policy: dict = field(default_factory=dict)
+    request_id: str | None = None
+    replica: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -93,6 +93,8 @@ def full_record() -> QualityRecord:
                   "a_noun": 0.6, "a_phrase": 0.4, "defect": "adjective unmatched"}],
         emphasized_prompt="a (red cube:1.2) on a table",
         policy={"p_threshold": 0.5, "a_threshold": 0.5, "refine_steps": None, "guard": True},
+        request_id="req-7f3a",
+        replica="host-a:4242",
     )
 
 
@@ -153,7 +155,21 @@ def test_defaults_are_fresh_and_well_formed():
     assert first.record_id != second.record_id and len(first.record_id) == 32
     created = datetime.fromisoformat(first.created_at)
     assert created.utcoffset() == timedelta(0) and "." in first.created_at
-    assert first.schema_version == SCHEMA_VERSION == 1
+    assert first.schema_version == SCHEMA_VERSION == 2
+    assert first.request_id is None and first.replica is None
+
+
+def test_version_1_records_read_back_without_the_service_fields(tmp_path):
+    """A log written before request_id/replica existed stays readable, in both sinks."""
+    values = make_record().to_dict()
+    del values["request_id"], values["replica"]
+    values["schema_version"] = 1
+    old = QualityRecord.from_dict(values)
+    assert old.schema_version == 1 and old.request_id is None and old.replica is None
+    for suffix in SUFFIXES:
+        with QualityLog(tmp_path / f"v1.{suffix}") as log:
+            log.write(old)
+            assert log.read() == [old]
 
 
 def test_added_seconds_sums_only_the_refiners_timings():
