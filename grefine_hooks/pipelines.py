@@ -24,7 +24,8 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import diffusers
 import torch
@@ -36,13 +37,15 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
+from .errors import GenerationInterrupted
 from .policy import RefinePolicy
 from .records import QualityLog, QualityRecord, assign_arm
 from .refine.backends import RefineBackend, StageRequest, backend_for, progress_bar_config
-from .refine.refiner import Refiner
+from .refine.refiner import RefinementInterrupted, Refiner
 from .scoring.scorer import QualityReport, QualityScorer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,25 @@ REFINE_CALL_ARGUMENTS = (
     "true_cfg_scale",
 )
 _PIXEL_OUTPUTS = ("pil", "np", "pt")
+#: The step-end callbacks a stop condition joins, per family (the combined Cascade has two loops).
+_STEP_CALLBACKS = ("callback_on_step_end", "prior_callback_on_step_end")
+
+
+@dataclass(frozen=True)
+class RefinementScope:
+    """Per-call settings a service gives the calls inside `RefineMixin.refinement_scope`.
+
+    Attributes:
+        should_stop: polled at every denoiser step of generation and of every refine stage.
+        image_indices: the ``image_index`` (and so the A/B arm) of each output image's record.
+        policy: replaces the pipeline's policy for these calls.
+        refine: False scores and records every image but refines none.
+    """
+
+    should_stop: Callable[[], bool] | None = None
+    image_indices: Sequence[int] | None = None
+    policy: RefinePolicy | None = None
+    refine: bool = True
 
 
 class RefineMixin:
@@ -87,10 +109,12 @@ class RefineMixin:
     last_reports: list[QualityReport | None] = []
     last_generated: torch.Tensor | None = None
 
+    _scope: RefinementScope = RefinementScope()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Gives each refined class diffusers' ``__call__`` signature and docstring, for help() and IDEs."""
         super().__init_subclass__(**kwargs)
-        base = _diffusers_base(cls)
+        base = diffusers_base(cls)
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             return RefineMixin._refined_call(self, *args, **kwargs)
@@ -161,7 +185,7 @@ class RefineMixin:
         module instead, which diffusers can load back.
         """
         config = json.loads(super().to_json_string())
-        config["_class_name"] = _diffusers_base(type(self)).__name__
+        config["_class_name"] = diffusers_base(type(self)).__name__
         for name, entry in config.items():
             component = getattr(self, name, None) if isinstance(entry, list) else None
             if component is not None and not _resolvable(*entry):
@@ -177,6 +201,50 @@ class RefineMixin:
         elif self.scorer.device != device:
             self.scorer.model.to(device)
         return self.scorer
+
+    @contextmanager
+    def refinement_scope(
+        self,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        image_indices: Sequence[int] | None = None,
+        policy: RefinePolicy | None = None,
+        refine: bool = True,
+    ) -> Iterator[None]:
+        """Settings for the calls made inside the block: how services time-limit and batch calls.
+
+        Args:
+            should_stop (`Callable[[], bool]`, *optional*): asked at the end of every denoiser step
+                of generation and of each refine stage (and before each refinement starts). Once it
+                returns True, the running loop stops after that step: a stopped generation raises
+                `GenerationInterrupted` (its records, ``skipped: generation interrupted``, logged
+                first); a stopped refinement returns the generated image, recorded as ``failed`` /
+                ``refinement interrupted``.
+            image_indices (`Sequence[int]`, *optional*): the ``image_index`` of each output image's
+                record, from which its A/B arm is drawn (default ``0 .. N-1``): a call that merges
+                several requests gives each image its index within its own request, so that
+                batching never changes an image's arm.
+            policy (`RefinePolicy`, *optional*): the policy of these calls instead of ``self.policy``
+                (a request's own thresholds); records name the policy that made them.
+            refine (`bool`, defaults to `True`): False scores and records every image and refines
+                none (reason ``scored only: refinement off for this call``).
+
+        One call at a time per pipeline, as with diffusers pipelines themselves.
+
+        >>> with pipe.refinement_scope(should_stop=lambda: time.monotonic() > deadline):  # doctest: +SKIP
+        ...     output = pipe("a red book")
+        """
+        if policy is not None and not isinstance(policy, RefinePolicy):
+            raise TypeError(f"policy must be a RefinePolicy, got {type(policy).__name__}")
+        previous = self._scope
+        self._scope = RefinementScope(should_stop=should_stop, image_indices=image_indices, policy=policy, refine=refine)
+        try:
+            yield
+        finally:
+            self._scope = previous
+
+    def _active_policy(self) -> RefinePolicy:
+        return self._scope.policy or self.policy
 
     # -- hooks for families that need something captured during generation ------------------------
 
@@ -207,11 +275,27 @@ class RefineMixin:
 
         captured: dict[str, Any] = {}
         start = time.perf_counter()
-        result = generate(**{**arguments, **self._capture_arguments(arguments, captured), "output_type": "pt"})
+        self._clear_interrupt()
+        call = {**self._stopping_arguments(generate, arguments), "output_type": "pt"}
+        try:
+            result = generate(**{**call, **self._capture_arguments(call, captured)})
+        except _GenerationStopped:
+            records = self._records(arguments, _requested_images(self, arguments), {})
+            for record in records:
+                record.reason = "skipped: generation interrupted (not scored)"
+            self.last_generated, self.last_reports = None, [None] * len(records)
+            self._finish(records)
+            raise GenerationInterrupted(records) from None
         images = _images_of(result)
         seconds = (time.perf_counter() - start) / max(1, len(images))
 
         records = self._records(arguments, len(images), {"generate": seconds})
+        if self._interrupted():
+            for record in records:
+                record.reason = "skipped: generation interrupted (not scored)"
+            self.last_generated, self.last_reports = images, [None] * len(records)
+            self._finish(records)
+            return _with_images(result, _to_output_type(images, output_type), records)
         try:
             final, reports = self._score_and_refine(images, arguments, result, captured, records)
         except BaseException as error:  # strict mode, or an interrupt: the records still go out
@@ -223,12 +307,58 @@ class RefineMixin:
         self._finish(records)
         return _with_images(result, _to_output_type(final, output_type), records)
 
+    def _stopping_arguments(self, generate: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``arguments`` with the scope's stop condition joined to each step callback diffusers takes.
+
+        Generation ends by raising, not with the interrupt flag: Stable Cascade's loops ignore the
+        flag and PixArt's have none, and a half-denoised image is of no use to a stopped caller.
+        """
+        should_stop = self._scope.should_stop
+        if should_stop is None:
+            return arguments
+        arguments = dict(arguments)
+        parameters = inspect.signature(generate).parameters
+        if not any(name in parameters for name in _STEP_CALLBACKS) and "callback" in parameters:
+            arguments["callback"], arguments["callback_steps"] = _legacy_stop_callback(
+                should_stop, arguments.get("callback"), arguments.get("callback_steps") or 1
+            )
+            return arguments
+        for name in _STEP_CALLBACKS:
+            if name not in parameters:
+                continue
+            callback = arguments.get(name)
+            if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+                # diffusers reads a callback object's tensor inputs itself; a plain function loses them.
+                arguments[f"{name}_tensor_inputs"] = callback.tensor_inputs
+            arguments[name] = _step_end_stop_callback(should_stop, callback)
+        return arguments
+
+    def _loops(self) -> list[DiffusionPipeline]:
+        """This pipeline and the pipelines it runs (a combined pipeline's prior and decoder)."""
+        return [self, *(value for value in vars(self).values() if isinstance(value, DiffusionPipeline))]
+
+    def _clear_interrupt(self) -> None:
+        for pipe in self._loops():
+            pipe._interrupt = False
+
+    def _interrupted(self) -> bool:
+        """Whether a callback set diffusers' interrupt flag during generation."""
+        return any(getattr(pipe, "_interrupt", False) for pipe in self._loops())
+
     def _records(self, arguments: dict[str, Any], count: int, timings: dict[str, float]) -> list[QualityRecord]:
         """One record per output image, before anything is decided about it."""
         prompts = _per_image(arguments.get("prompt"), count)
         negatives = _per_image(arguments.get("negative_prompt"), count)
         generators = _per_image(arguments.get("generator"), count)
-        return [self._record(i, prompts[i], negatives[i], generators[i], dict(timings)) for i in range(count)]
+        indices = self._scope.image_indices
+        if indices is None:
+            indices = range(count)
+        elif len(indices) != count:
+            raise ValueError(f"refinement_scope image_indices has {len(indices)} entries for {count} images")
+        return [
+            self._record(index, prompts[i], negatives[i], generators[i], dict(timings))
+            for i, index in enumerate(indices)
+        ]
 
     def _score_and_refine(
         self,
@@ -239,7 +369,7 @@ class RefineMixin:
         records: list[QualityRecord],
     ) -> tuple[torch.Tensor, list[QualityReport | None]]:
         """Scores, gates and refines each image, filling its record; returns the images to return."""
-        policy = self.policy
+        policy = self._active_policy()
         prompts = _per_image(arguments.get("prompt"), len(images))
         negatives = _per_image(arguments.get("negative_prompt"), len(images))
         generators = _per_image(arguments.get("generator"), len(images))
@@ -254,10 +384,16 @@ class RefineMixin:
             if record.arm == "control":
                 record.reason = "control arm: scored only"
                 continue
+            if not self._scope.refine:
+                record.reason = "scored only: refinement off for this call"
+                continue
             if not policy.needs_refinement(report.p, report.a):
                 record.reason = (
                     f"p {report.p:.2f} >= {policy.p_threshold:.2f} and a {report.a:.2f} >= {policy.a_threshold:.2f}"
                 )
+                continue
+            if self._scope.should_stop is not None and self._scope.should_stop():
+                record.reason = "not refined: stopped before refinement"
                 continue
             request = StageRequest(
                 image=images[i].float(),
@@ -268,6 +404,7 @@ class RefineMixin:
                 generator=generators[i],
                 call_kwargs={name: arguments[name] for name in REFINE_CALL_ARGUMENTS if name in arguments},
                 extras=self._image_extras(captured, i),
+                should_stop=self._scope.should_stop,
             )
             refined = self._refine(report, request, record)
             if refined is not None:
@@ -286,11 +423,11 @@ class RefineMixin:
             negative_prompt=negative,
             seed=seed,
             image_index=index,
-            arm=assign_arm(self.run_id, prompt, seed, index, self.policy.ab_split),
+            arm=assign_arm(self.run_id, prompt, seed, index, self._active_policy().ab_split),
             decision="skipped",
             reason="",
             timings=timings,
-            policy=self.policy.to_dict(),
+            policy=self._active_policy().to_dict(),
         )
 
     def _check_image(self, image: torch.Tensor, flagged: bool | None, record: QualityRecord) -> bool:
@@ -319,7 +456,7 @@ class RefineMixin:
             for i in valid:
                 records[i].reason = "skipped: scoring raised"
                 records[i].error = f"{type(error).__name__}: {error}"
-            if self.policy.strict:
+            if self._active_policy().strict:
                 raise
             logger.error("grefine-hooks: scoring failed, images returned unrefined: %r", error)
             return {}
@@ -336,13 +473,17 @@ class RefineMixin:
 
     def _refine(self, report: QualityReport, request: StageRequest, record: QualityRecord) -> torch.Tensor | None:
         """Runs the refiner; returns the image to use, or None to keep the generated one."""
-        refiner = Refiner(self.refine_backend, self.quality_scorer(), self.policy)
+        refiner = Refiner(self.refine_backend, self.quality_scorer(), self._active_policy())
         try:
             outcome = refiner.refine(request.image, report, request)
+        except RefinementInterrupted as stop:
+            record.decision, record.reason = "failed", f"refinement interrupted ({stop}); generated image returned"
+            record.timings.update(stop.timings)
+            return None
         except Exception as error:
             record.decision, record.reason = "failed", "refinement raised"
             record.error = f"{type(error).__name__}: {error}"
-            if self.policy.strict:
+            if self._active_policy().strict:
                 raise
             logger.error("grefine-hooks: refinement failed, original image returned: %r", error)
             return None
@@ -372,15 +513,53 @@ class RefineMixin:
             self.quality_log.write_many(pending)
         except Exception as error:
             self._unlogged = pending
-            if self.policy.strict:
+            if self._active_policy().strict:
                 raise
             logger.error("grefine-hooks: quality log write failed, %d record(s) kept for retry: %r", len(pending), error)
         else:
             self._unlogged = []
 
 
-def _diffusers_base(cls: type) -> type:
-    """The diffusers pipeline class a refined class extends."""
+class _GenerationStopped(Exception):
+    """Raised from a legacy ``callback`` to end a loop that has no interrupt flag."""
+
+
+def _step_end_stop_callback(should_stop: Callable[[], bool], callback: Any) -> Callable:
+    """A ``callback_on_step_end``: the caller's callback, then the stop condition."""
+
+    def stop(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        outputs = callback(pipe, step, timestep, tensors) if callback is not None else {}
+        if should_stop():
+            raise _GenerationStopped
+        return outputs
+
+    return stop
+
+
+def _legacy_stop_callback(
+    should_stop: Callable[[], bool], callback: Callable | None, callback_steps: int
+) -> tuple[Callable[[int, Any, torch.Tensor], None], int]:
+    """A legacy ``(step, timestep, latents)`` callback run every step: the caller's on its own
+    steps, then the stop condition."""
+
+    def stop(step: int, timestep: Any, latents: torch.Tensor) -> None:
+        if callback is not None and step % callback_steps == 0:
+            callback(step, timestep, latents)
+        if should_stop():
+            raise _GenerationStopped
+
+    return stop, 1
+
+
+def _requested_images(pipe: DiffusionPipeline, arguments: dict[str, Any]) -> int:
+    """How many images a call asked for: prompts times ``num_images_per_prompt``."""
+    prompt = arguments.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) else 1
+    return prompts * (arguments.get("num_images_per_prompt") or 1)
+
+
+def diffusers_base(cls: type) -> type:
+    """The diffusers pipeline class a (refined) pipeline class is or extends."""
     for base in cls.__mro__:
         if issubclass(base, DiffusionPipeline) and base.__module__.startswith("diffusers."):
             return base
@@ -525,7 +704,7 @@ _REFINED_CLASSES: dict[type, type] = {
 
 def refined_class(pipeline_class: type) -> type:
     """The refined subclass of a diffusers pipeline class (made on demand for other families)."""
-    base = _diffusers_base(pipeline_class)
+    base = diffusers_base(pipeline_class)
     if base not in _REFINED_CLASSES:
         _REFINED_CLASSES[base] = type(
             f"Refined{base.__name__}", (RefineMixin, base), {"__doc__": f"`{base.__name__}` with G-Refine."}

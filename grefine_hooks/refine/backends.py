@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,8 @@ class StageRequest:
         strength: share of the noise schedule to run. num_inference_steps: scheduled iterations.
         generator: noise source. call_kwargs: the user's generation arguments that also shape
         refinement (guidance scale, ...). extras: what the family captured during generation.
+        should_stop: asked after every denoiser step; True interrupts the stage, which then raises
+        `StageInterrupted` instead of returning a half-denoised image.
     """
 
     image: torch.Tensor
@@ -58,6 +60,11 @@ class StageRequest:
     generator: torch.Generator | None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    should_stop: Callable[[], bool] | None = None
+
+
+class StageInterrupted(Exception):
+    """A stage's ``should_stop`` said stop; nothing it produced is usable."""
 
 
 class RefineBackend(ABC):
@@ -118,6 +125,19 @@ def derive_pipeline(pipe: DiffusionPipeline, target: type[DiffusionPipeline]) ->
     return derived
 
 
+def stop_callback(should_stop: Callable[[], bool], callback: Callable | None = None) -> Callable:
+    """A diffusers step-end callback: runs ``callback`` (if any), then sets the pipeline's interrupt
+    flag once ``should_stop()`` is True; diffusers skips every later step of its loop."""
+
+    def step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        outputs = callback(pipe, step, timestep, tensors) if callback is not None else {}
+        if should_stop():
+            pipe._interrupt = True
+        return outputs
+
+    return step_end
+
+
 def _accepted(function: Any, arguments: dict[str, Any]) -> dict[str, Any]:
     """The ``arguments`` that ``function`` takes, Nones dropped (each pipeline has its defaults)."""
     parameters = inspect.signature(function).parameters
@@ -156,7 +176,11 @@ class DiffusersBackend(RefineBackend):
         else:
             stage = self.inpaint_pipeline()
             arguments.update(mask_image=mask[None, None], height=height, width=width)
+        if request.should_stop is not None:
+            arguments["callback_on_step_end"] = stop_callback(request.should_stop)
         output = stage(**_accepted(stage.__call__, arguments))
+        if getattr(stage, "_interrupt", False):
+            raise StageInterrupted
         return output.images[0].float()
 
 
@@ -349,7 +373,10 @@ class LatentLoopBackend(RefineBackend):
             request.generator,
             # The combined Stable Cascade pipeline's own progress_bar returns nothing; its decoder's does.
             getattr(self.pipe, "decoder_pipe", self.pipe).progress_bar,
+            request.should_stop,
         )
+        if refined is None:
+            raise StageInterrupted
         return _resize(refined, size)[0]
 
 

@@ -56,7 +56,8 @@ def masked_latent_denoise(
     num_inference_steps: int,
     generator: torch.Generator | None,
     progress_bar: Callable[..., Any],
-) -> torch.Tensor:
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor | None:
     """Re-denoises the masked part of ``image`` and keeps the rest (see the module docstring).
 
     Args:
@@ -68,9 +69,12 @@ def masked_latent_denoise(
         num_inference_steps (`int`): scheduled iterations; ``int(steps * strength)`` of them run.
         generator (`torch.Generator`, *optional*): noise source, for reproducible refinement.
         progress_bar: the pipeline's ``progress_bar`` method, so ``set_progress_bar_config`` applies.
+        should_stop (`Callable[[], bool]`, *optional*): asked after every step, as diffusers'
+            pipelines ask their interrupt flag; True stops the loop.
 
     Returns:
-        ``(1, 3, H, W)`` in [0, 1].
+        ``(1, 3, H, W)`` in [0, 1], or None when ``should_stop`` stopped the loop (a half-denoised
+        image is not worth decoding).
     """
     scheduler = denoiser.make_scheduler()
     original = denoiser.encode(image)
@@ -89,4 +93,6 @@ def masked_latent_denoise(
             known = original if last else scheduler.add_noise(original, noise, timesteps[i + 1 : i + 2])
             latents = mask * latents + (1 - mask) * known
             bar.update()
+            if should_stop is not None and should_stop():
+                return None
     return denoiser.decode(latents)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .backends import RefineBackend, StageRequest
+from .backends import RefineBackend, StageInterrupted, StageRequest
 from .masks import RefineMask, composite, refine_mask
 
 if TYPE_CHECKING:
@@ -49,6 +49,17 @@ class RefineOutcome:
     after: QualityReport | None = None
     guard: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class RefinementInterrupted(Exception):
+    """The request's ``should_stop`` stopped a refinement; the generated image is to be returned.
+
+    ``str(error)`` says where it stopped; ``timings`` holds the seconds of what ran.
+    """
+
+    def __init__(self, where: str, timings: dict[str, float]):
+        super().__init__(where)
+        self.timings = timings
 
 
 def scheduled_steps(steps: int, strength: float) -> int:
@@ -96,7 +107,7 @@ class Refiner:
                 num_inference_steps=steps,
             )
             start = time.perf_counter()
-            repainted = self.backend.run(stage1, mask.binary.to(image.device))
+            repainted = self._run("stage1", stage1, mask.binary.to(image.device), start, timings)
             current = composite(image.float(), repainted.to(image.device), mask.soft.to(image.device))
             _sync(image.device)
             timings["stage1"] = time.perf_counter() - start
@@ -106,7 +117,7 @@ class Refiner:
             steps = scheduled_steps(steps2, policy.stage2_strength)
             stage2 = replace(request, image=current, strength=policy.stage2_strength, num_inference_steps=steps)
             start = time.perf_counter()
-            current = self.backend.run(stage2, None).to(image.device)
+            current = self._run("stage2", stage2, None, start, timings).to(image.device)
             _sync(image.device)
             timings["stage2"] = time.perf_counter() - start
             outcome.stage2_strength, outcome.stage2_steps = policy.stage2_strength, steps
@@ -114,11 +125,24 @@ class Refiner:
         outcome.image = current
         outcome.reason = self._reason(report, mask)
         if policy.guard:
+            if request.should_stop is not None and request.should_stop():
+                # An unguarded refinement may be worse than the original: return the original.
+                raise RefinementInterrupted("before the guard's re-score", timings)
             start = time.perf_counter()
             outcome.after = self.scorer.score(current, request.prompt)
             timings["rescore"] = time.perf_counter() - start
             self._apply_guard(outcome, report, image)
         return outcome
+
+    def _run(
+        self, stage: str, request: StageRequest, mask: torch.Tensor | None, start: float, timings: dict[str, float]
+    ) -> torch.Tensor:
+        """One stage through the backend; an interrupted stage raises `RefinementInterrupted`."""
+        try:
+            return self.backend.run(request, mask)
+        except StageInterrupted:
+            timings[stage] = time.perf_counter() - start
+            raise RefinementInterrupted(f"during {stage}", timings) from None
 
     def _reason(self, report: QualityReport, mask: RefineMask) -> str:
         policy = self.policy
