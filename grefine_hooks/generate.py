@@ -38,27 +38,11 @@ from accelerate.utils import gather_object, tqdm
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
-from .pipelines import (
-    RefinedPixArtAlphaPipeline,
-    RefinedPixArtSigmaPipeline,
-    RefinedStableCascadeCombinedPipeline,
-    RefinedStableDiffusionPipeline,
-    RefinedStableDiffusionXLPipeline,
-    wrap,
-)
+from .loading import REFINED_PIPELINES, load_refined_pipeline
 from .policy import RefinePolicy
 from .records import ARMS, DECISIONS, QualityLog, QualityRecord, record_path, resolve_record_path
-from .scoring.scorer import QualityScorer
 from .visualize import overlay
 
-#: ``--family`` -> the Refined pipeline class that loads it.
-REFINED_PIPELINES: dict[str, type[DiffusionPipeline]] = {
-    "sd15": RefinedStableDiffusionPipeline,
-    "sdxl": RefinedStableDiffusionXLPipeline,
-    "pixart-alpha": RefinedPixArtAlphaPipeline,
-    "pixart-sigma": RefinedPixArtSigmaPipeline,
-    "cascade": RefinedStableCascadeCombinedPipeline,
-}
 #: Decisions in which the generated image was refined, so its original is saved beside it.
 ORIGINAL_SAVED_DECISIONS = ("refined", "reverted")
 
@@ -68,7 +52,8 @@ class GenerateConfig:
     """What ``grefine generate`` runs; every field is a command-line option of the same name.
 
     Args:
-        family (`str`): one of `REFINED_PIPELINES` (``"sd15"``, ``"sdxl"``, ...).
+        family (`str`, *optional*): one of `REFINED_PIPELINES` (``"sd15"``, ``"sdxl"``, ...); read
+            from the model's ``model_index.json`` when None (``"sd15"`` with ``tiny``).
         prompts (`str` or `Path`): UTF-8 text, one prompt per line; blank lines and lines starting
             with ``#`` are skipped. A prompt's index is its position among the kept prompts.
         out (`str` or `Path`): the output directory, created when missing.
@@ -87,13 +72,15 @@ class GenerateConfig:
         device (`str`, *optional*): defaults to the process's accelerate device.
         dtype (`torch.dtype`, *optional*): defaults to float16 on CUDA, else float32.
         quality_prompts (`str`, *optional*): the scorer's PQ prompts, see `QualityScorer`.
+        clip (`str`, defaults to `"ViT-B-16"`), pretrained (`str`, defaults to `"openai"`): the
+            scorer's open_clip model (``local-dir:FOLDER`` for a saved one) and weights.
         run_id (`str`, *optional*): defaults to `default_run_id` of ``out``, so a rerun resumes
             the same run and keeps every image in the same A/B arm.
     """
 
-    family: str
     prompts: str | Path
     out: str | Path
+    family: str | None = None
     model: str | None = None
     tiny: bool = False
     policy: str | Path | None = None
@@ -105,6 +92,8 @@ class GenerateConfig:
     device: str | None = None
     dtype: torch.dtype | None = None
     quality_prompts: str | None = None
+    clip: str = "ViT-B-16"
+    pretrained: str | None = "openai"
     run_id: str | None = None
 
 
@@ -195,7 +184,7 @@ class GenerateJob:
     """
 
     def __init__(self, config: GenerateConfig):
-        if config.family not in REFINED_PIPELINES:
+        if config.family is not None and config.family not in REFINED_PIPELINES:
             raise ValueError(f"family must be one of {sorted(REFINED_PIPELINES)}, got {config.family!r}")
         if config.model is None and not config.tiny:
             raise ValueError("model is required (a hub id or a folder) unless tiny=True")
@@ -229,32 +218,18 @@ class GenerateJob:
         self.call_kwargs: dict[str, Any] = {}
 
     def load(self) -> DiffusionPipeline:
-        """Builds the scorer and the family's Refined pipeline on this process's device.
+        """Builds the scorer and the Refined pipeline on this process's device (`load_refined_pipeline`).
 
         The pipeline logs nothing itself: `run` writes each record once its files are saved.
         """
         config = self.config
-        if config.tiny:
-            from .testing import tiny_call_kwargs, tiny_clip, tiny_pipeline
-
-            model, preprocess, tokenizer = tiny_clip(0)
-            scorer = QualityScorer(
-                model=model, preprocess=preprocess, tokenizer=tokenizer, device=self.device,
-                quality_prompts=config.quality_prompts,
-            )
-            pipe = wrap(tiny_pipeline(config.family, seed=0), policy=self.policy, scorer=scorer)
-            pipe.to(device=self.device, dtype=config.dtype)
-            self.call_kwargs = tiny_call_kwargs(config.family, config.steps or 2)
-        else:
-            dtype = config.dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-            pipe = REFINED_PIPELINES[config.family].from_pretrained(config.model, torch_dtype=dtype).to(self.device)
-            scorer = QualityScorer(
-                "ViT-B-16", "openai", device=self.device,
-                dtype=dtype if self.device.type == "cuda" else torch.float32,
-                quality_prompts=config.quality_prompts,
-            )
-            self.call_kwargs = {} if config.steps is None else {"num_inference_steps": config.steps}
-        pipe.configure_refinement(policy=self.policy, quality_log=None, scorer=scorer, run_id=self.run_id)
+        loaded = load_refined_pipeline(
+            config.model, family=config.family, tiny=config.tiny, device=self.device, dtype=config.dtype,
+            policy=self.policy, quality_prompts=config.quality_prompts, clip=config.clip,
+            pretrained=config.pretrained, steps=config.steps,
+        )
+        pipe, self.call_kwargs = loaded.pipe, loaded.call_kwargs
+        pipe.run_id = self.run_id
         pipe.set_progress_bar_config(disable=True)  # one bar over the prompts instead
         self.pipe = pipe
         return pipe
