@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
 # Names of the torch dtypes the commands accept; torch is imported by the commands that need it,
 # so light commands (``grefine report``) start without it.
 _DTYPES = ("bfloat16", "float16", "float32")
+# ``--family`` choices: the keys of grefine_hooks.loading.REFINED_PIPELINES (a test keeps them equal).
+FAMILIES = ("sd15", "sdxl", "pixart-alpha", "pixart-sigma", "cascade")
+#: Entry-point group of subcommands other packages add (``grefine serve`` comes from
+#: grefine_integrations this way): each names ``register(subparsers)``, which adds its parser.
+COMMAND_ENTRY_POINTS = "grefine_hooks.commands"
 
 
 def _add_clip_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
@@ -136,7 +142,7 @@ def _generate(args: argparse.Namespace) -> int:
         family=args.family, prompts=args.prompts, out=args.out, model=args.model, tiny=args.tiny,
         policy=args.policy, log=args.log, ab_split=args.ab_split, images_per_prompt=args.images_per_prompt,
         seed=args.seed, steps=args.steps, device=args.device, dtype=_dtype(args.dtype),
-        quality_prompts=args.quality_prompts, run_id=args.run_id,
+        quality_prompts=args.quality_prompts, clip=args.clip, pretrained=args.pretrained, run_id=args.run_id,
     )
     with GenerateJob(config) as job:  # checks every input before any model is loaded
         if job.pending:  # a finished run needs no model
@@ -181,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate, score and refine images for a file of prompts")
     generate.add_argument("--model", help="hub id or folder of the pipeline (not needed with --tiny)")
     generate.add_argument(
-        "--family", required=True, choices=("sd15", "sdxl", "pixart-alpha", "pixart-sigma", "cascade")
+        "--family",
+        choices=FAMILIES,
+        help="checked against the model's model_index.json, which names it when omitted (--tiny: sd15)",
     )
     generate.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line; '#' lines skipped")
     generate.add_argument("--out", required=True, metavar="DIR", help="images/, maps/ and the default log go here")
@@ -194,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", help="torch device (default: the process's accelerate device)")
     generate.add_argument("--dtype", choices=_DTYPES, help="pipeline dtype (default: float16 on CUDA)")
     generate.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
+    generate.add_argument("--clip", default="ViT-B-16", help="the scorer's open_clip model or local-dir:FOLDER")
+    generate.add_argument("--pretrained", default="openai", help="the scorer's open_clip weights tag or file")
     generate.add_argument("--run-id", help="default: derived from DIR, so reruns resume the same run")
     generate.add_argument("--tiny", action="store_true", help="offline tiny random-weight models (no --model)")
     generate.set_defaults(run=_generate)
@@ -206,7 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-thumbnails", type=int, default=50, metavar="N", help="refined/reverted images shown (default 50)"
     )
     report.set_defaults(run=_report)
+    _add_plugin_commands(commands)
     return parser
+
+
+def _add_plugin_commands(commands: argparse._SubParsersAction) -> None:
+    """Subcommands of installed packages; one that fails to load is named on stderr, never fatal."""
+    for entry in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda entry: entry.name):
+        if entry.name in commands.choices:
+            continue  # a built-in command, or the same package seen twice on sys.path
+        try:
+            entry.load()(commands)
+        except Exception as error:
+            print(f"grefine: command {entry.name!r} ({entry.value}) could not load: {error}", file=sys.stderr)
 
 
 def _report(args: argparse.Namespace) -> int:
