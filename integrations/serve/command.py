@@ -1,0 +1,134 @@
+"""``grefine serve``: the image service under uvicorn, reached by the CLI through an entry point.
+
+This module imports only the standard library at import time, so ``grefine --help`` stays fast
+and works without the ``[serve]`` extra; `run` says which package is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+FAMILIES = ("sd15", "sdxl", "pixart-alpha", "pixart-sigma", "cascade")
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Adds ``serve`` to the ``grefine`` command line (entry point ``grefine_hooks.commands``)."""
+    serve = commands.add_parser(
+        "serve", help="serve refined generation over HTTP: OpenAI Images API, /metrics, a web page",
+        description="Loads one refined pipeline and its scorer, then answers POST /v1/images/generations.",
+    )
+    model = serve.add_argument_group("model (as grefine generate)")
+    model.add_argument("--model", help="hub id or folder of the pipeline (not needed with --tiny)")
+    model.add_argument("--family", choices=FAMILIES, help="checked against model_index.json, which names it when omitted")
+    model.add_argument("--tiny", action="store_true", help="offline tiny random-weight models (no --model)")
+    model.add_argument("--device", help="torch device (default: cuda if available)")
+    model.add_argument("--dtype", choices=_DTYPES, help="pipeline dtype (default: float16 on CUDA)")
+    model.add_argument("--policy", metavar="FILE", help="RefinePolicy as a JSON object")
+    model.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
+    model.add_argument("--clip", default="ViT-B-16", help="open_clip model of the scorer")
+    model.add_argument("--pretrained", default="openai", help="open_clip weights tag or file")
+    model.add_argument("--steps", type=int, help="default num_inference_steps (requests may set their own)")
+    model.add_argument("--model-name", action="append", metavar="ID",
+                       help="id(s) a request's 'model' may name (default: --model, or tiny-<family>)")
+    service = serve.add_argument_group("service")
+    service.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    service.add_argument("--port", type=int, default=8000)
+    service.add_argument("--log", default="quality.sqlite", metavar="FILE",
+                         help="quality log every image's record goes to (default quality.sqlite)")
+    service.add_argument("--run-id", help="A/B run id of the records (default serve-<model>; share it across replicas)")
+    service.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
+    service.add_argument("--max-batch", type=int, default=4, help="images per pipeline call")
+    service.add_argument("--batch-wait-ms", type=float, default=10.0,
+                         help="how long a request waits for others of its shape (0: no micro-batching)")
+    service.add_argument("--timeout", type=float, default=300.0, help="seconds per request, the most it may ask for")
+    service.add_argument("--max-side", type=int, default=2048, help="largest image side a request may ask for")
+    service.add_argument("--max-steps", type=int, default=150, help="most num_inference_steps a request may ask for")
+    service.add_argument("--replica", help="this process's name in records (default host:pid)")
+    serve.set_defaults(run=run)
+
+
+def redact(location: str) -> str:
+    """A log location fit to print: a URL's password replaced by ``***``."""
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    if parts.password is None:
+        return location
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Loads in the background, serves at once (503 until ready); SIGTERM drains, then exits."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .service import ImageService, ServiceConfig
+    except ImportError as error:
+        raise ValueError(
+            f"grefine serve needs the serve extra: pip install 'grefine-hooks[serve]' ({error.name} is missing)"
+        ) from None
+    from grefine_hooks.generate import load_policy
+    from grefine_hooks.loading import load_refined_pipeline
+
+    if args.model is None and not args.tiny:
+        raise ValueError("--model is required (a hub id or a folder) unless --tiny is given")
+    policy = load_policy(args.policy)
+    config_values: dict[str, Any] = dict(
+        max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+        timeout=args.timeout, max_side=args.max_side, max_steps=args.max_steps,
+    )
+    if args.replica is not None:
+        config_values["replica"] = args.replica
+    config = ServiceConfig(**config_values)
+    model_label = args.model if args.model is not None else f"tiny-{args.family or 'sd15'}"
+    run_id = args.run_id or f"serve-{model_label.rstrip('/').rsplit('/', 1)[-1]}"
+
+    def load():
+        import torch
+
+        loaded = load_refined_pipeline(
+            args.model, family=args.family, tiny=args.tiny, device=args.device,
+            dtype=None if args.dtype is None else getattr(torch, args.dtype), policy=policy,
+            quality_prompts=args.quality_prompts, clip=args.clip, pretrained=args.pretrained, steps=args.steps,
+        )
+        loaded.pipe.run_id = run_id
+        return loaded
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = ImageService(load, config, quality_log=args.log)
+    app = create_app(service, model_names=tuple(args.model_name or ()))
+
+    class Server(uvicorn.Server):
+        """Stops the service taking requests the moment SIGTERM (or Ctrl-C) arrives."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=int(config.timeout) + 10,
+    ))
+    failed: list[BaseException] = []
+
+    def on_load_error(error: BaseException) -> None:
+        failed.append(error)
+        server.should_exit = True
+
+    print(f"grefine serve: loading {model_label}; records go to {redact(args.log)}", file=sys.stderr, flush=True)
+    service.start(on_load_error=on_load_error)
+    try:
+        server.run()
+    finally:
+        service.close()
+    if failed:
+        error = failed[0]
+        raise error if isinstance(error, (ValueError, OSError)) else ValueError(f"loading failed: {error}")
+    return 0
