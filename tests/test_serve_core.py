@@ -40,6 +40,13 @@ class StepCounter:
             time.sleep(self.delay)
 
 
+def unet_calls(pipe, steps: int) -> int:
+    """UNet calls of one generation of ``steps`` steps (PNDM's PLMS runs one more than asked)."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
 def start_service(tmp_path, policy=SKIP_ALL, **config) -> ImageService:
     service = ImageService(
         lambda: load_refined_pipeline(tiny=True, policy=policy), ServiceConfig(**config),
@@ -57,9 +64,11 @@ def test_batched_requests_each_get_their_own_images_and_records(tmp_path):
                 ImageRequest("a green vase", n=1, seed=30)]
     tickets = [service.submit(request) for request in requests]
     results = [ticket.future.result(300) for ticket in tickets]
-    assert counter.calls == 2  # one pipeline call of 4 images, 2 steps (CFG batched in each step)
-    assert service.metrics.batch_images.collect()[0].samples[-1].value == 4  # the histogram's sum
+    assert counter.calls == unet_calls(service.loaded.pipe, 2)  # one call for all 4 images
+    samples = {sample.name: sample.value for sample in service.metrics.batch_images.collect()[0].samples}
+    assert (samples["grefine_batch_images_count"], samples["grefine_batch_images_sum"]) == (1, 4)
 
+    (tmp_path / "alone").mkdir()
     alone = start_service(tmp_path / "alone", batch_wait_ms=0)
     for request, result in zip(requests, results):
         assert result.request_id == request.request_id and len(result.images) == request.n
@@ -87,7 +96,8 @@ def test_requests_of_different_shapes_are_not_batched(tmp_path):
                service.submit(ImageRequest("a cat", seed=1, width=32, height=32, num_inference_steps=2))]
     for ticket in tickets:
         ticket.future.result(300)
-    assert counter.calls == 2 + 3 + 2  # three calls
+    pipe = service.loaded.pipe
+    assert counter.calls == 2 * unet_calls(pipe, 2) + unet_calls(pipe, 3)  # three calls
     assert tickets[2].future.result().images[0].image.size == (32, 32)
     service.close()
 
@@ -96,7 +106,7 @@ def test_a_request_for_more_than_max_batch_runs_in_calls_of_max_batch(tmp_path):
     service = start_service(tmp_path, batch_wait_ms=0, max_batch=2)
     counter = StepCounter(service.loaded.pipe)
     result = service.submit(ImageRequest("a cat", n=5, seed=3)).future.result(300)
-    assert counter.calls == 3 * 2 and [m.record.seed for m in result.images] == [3, 4, 5, 6, 7]
+    assert counter.calls == 3 * unet_calls(service.loaded.pipe, 2) and [m.record.seed for m in result.images] == [3, 4, 5, 6, 7]
     assert [m.record.image_index for m in result.images] == [0, 1, 2, 3, 4]
     service.close()
 
@@ -118,18 +128,24 @@ def test_a_deadline_that_passes_mid_generation_stops_the_call_and_is_recorded(tm
 
 def test_a_deadline_that_passes_mid_refinement_stops_the_stage(tmp_path):
     service = start_service(tmp_path, policy=REFINE_ALL, batch_wait_ms=0)
-    # Generation's 20 steps run at tiny speed; each refine step then takes 4 s, so the 10 s deadline
-    # passes inside the stages (a few of their 20 scheduled steps are enough).
-    counter = StepCounter(service.loaded.pipe, delay=4.0, delay_after=20)
-    ticket = service.submit(ImageRequest("a red book", num_inference_steps=20, timeout=10.0))
+    pipe = service.loaded.pipe
+    generation = unet_calls(pipe, 20)
+    started = time.monotonic()
+    with pipe.refinement_scope(refine=False):
+        pipe("a red book", **{**service.loaded.call_kwargs, "num_inference_steps": 20})
+    seconds = time.monotonic() - started
+    # Generation runs at tiny speed (however loaded the machine); the first refine step then
+    # sleeps past the deadline, which is set well beyond a generation.
+    timeout = 2 * seconds + 2.0
+    counter = StepCounter(pipe, delay=timeout, delay_after=generation)
+    ticket = service.submit(ImageRequest("a red book", num_inference_steps=20, timeout=timeout))
     with pytest.raises(ServiceError, match="deadline"):
         ticket.future.result(300)
     service.close()
     [record] = QualityLog(tmp_path / "quality.jsonl").read()
     assert record.p_before is not None  # generated and scored, then stopped while refining
     assert record.decision == "failed" and record.reason.startswith("deadline exceeded: refinement interrupted")
-    full = 20 + sum(REFINE_ALL.stage_steps(20))
-    assert 20 < counter.calls < full
+    assert counter.calls == generation + 1  # stopped after the stage's first step
 
 
 def test_a_full_queue_is_refused_at_once_with_retry_after(tmp_path):
@@ -160,7 +176,7 @@ def test_a_request_whose_client_left_before_it_started_is_dropped(tmp_path):
     gone.cancel()
     running.future.result(300)
     service.close()
-    assert gone.future.cancelled() and counter.calls == 4  # the dog was never drawn
+    assert gone.future.cancelled() and counter.calls == unet_calls(service.loaded.pipe, 4)  # no dog drawn
     assert [r.prompt for r in QualityLog(tmp_path / "quality.jsonl").read()] == ["a cat"]
 
 

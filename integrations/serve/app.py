@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -38,22 +38,25 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _POLL_SECONDS = 0.1
 
 
-def create_app(service: ImageService, *, model_names: tuple[str, ...] = (), image_store: ImageStore | None = None
-               ) -> FastAPI:
+def create_app(
+    service: ImageService | Callable[[], ImageService],
+    *,
+    image_store: ImageStore | None = None,
+) -> FastAPI:
     """The HTTP app for ``service``.
 
     Args:
-        service: the started (or starting) service.
-        model_names: ids a request's ``model`` may name (default: the loaded model's name).
+        service: the started (or starting) service, or a function returning it when the app is
+            built before the service exists (a Ray Serve replica builds its app, then its service).
         image_store: where ``response_format="url"`` images wait to be fetched.
     """
     app = FastAPI(title="grefine-hooks image service", docs_url="/docs", redoc_url=None)
-    app.state.service = service
+    current = service if not isinstance(service, ImageService) else (lambda: service)
     store = image_store or ImageStore()
     created = int(time.time())
 
     def served_names() -> tuple[str, ...]:
-        return model_names or ((service.model_name,) if service.model_name else ())
+        return current().model_names
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -77,8 +80,8 @@ def create_app(service: ImageService, *, model_names: tuple[str, ...] = (), imag
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        service.metrics.requests.labels(route=path, status=str(response.status_code)).inc()
-        service.metrics.request_seconds.labels(route=path).observe(time.perf_counter() - start)
+        current().metrics.requests.labels(route=path, status=str(response.status_code)).inc()
+        current().metrics.request_seconds.labels(route=path).observe(time.perf_counter() - start)
         return response
 
     @app.post("/v1/images/generations")
@@ -89,6 +92,7 @@ def create_app(service: ImageService, *, model_names: tuple[str, ...] = (), imag
             raise ServiceError(404, f"the model {body.model!r} does not exist; this server serves {list(names)}",
                                param="model", code="model_not_found")
         request_id = _request_id(request)
+        service = current()
         service.check_ready()
         ticket = service.submit(image_request(body, service.policy, request_id))
         result = await _wait(ticket, request)
@@ -127,6 +131,7 @@ def create_app(service: ImageService, *, model_names: tuple[str, ...] = (), imag
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        service = current()
         if service.ready:
             return JSONResponse({"status": "ready", "model": service.model_name, "family": service.loaded.family})
         if service.load_error is not None:
@@ -134,12 +139,12 @@ def create_app(service: ImageService, *, model_names: tuple[str, ...] = (), imag
         elif service.loaded is None:
             reason = "loading"
         else:
-            reason = "shutting down" if not service._accepting else "worker not running"
+            reason = "shutting down" if not service.accepting else "worker not running"
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(current().metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:

@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
+
+from .loader import ModelSettings
+
+if TYPE_CHECKING:
+    from .service import ServiceConfig
 
 FAMILIES = ("sd15", "sdxl", "pixart-alpha", "pixart-sigma", "cascade")
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -49,6 +54,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     service.add_argument("--max-side", type=int, default=2048, help="largest image side a request may ask for")
     service.add_argument("--max-steps", type=int, default=150, help="most num_inference_steps a request may ask for")
     service.add_argument("--replica", help="this process's name in records (default host:pid)")
+    ray = serve.add_argument_group("Ray Serve (pip install 'grefine-hooks[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas, each with its own pipeline")
+    ray.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (ignored with --autoscaling)")
+    ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (e.g. 1)")
+    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    ray.add_argument("--autoscaling", metavar="JSON",
+                     help="Ray's autoscaling_config, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
     serve.set_defaults(run=run)
 
 
@@ -64,47 +77,49 @@ def redact(location: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+def model_settings(args: argparse.Namespace) -> ModelSettings:
+    """The model half of the command line, checked (the policy file read) before anything loads."""
+    from grefine_hooks.generate import load_policy
+
+    return ModelSettings(
+        model=args.model, family=args.family, tiny=args.tiny, device=args.device, dtype=args.dtype,
+        policy=load_policy(args.policy).to_dict(), quality_prompts=args.quality_prompts, clip=args.clip,
+        pretrained=args.pretrained, steps=args.steps, run_id=args.run_id,
+    )
+
+
+def service_config(args: argparse.Namespace, **overrides: Any) -> ServiceConfig:
+    """The service half of the command line."""
+    from .service import ServiceConfig
+
+    values: dict[str, Any] = dict(
+        max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+        timeout=args.timeout, max_side=args.max_side, max_steps=args.max_steps,
+        model_names=tuple(args.model_name or ()),
+    )
+    if args.replica is not None:
+        values["replica"] = args.replica
+    return ServiceConfig(**{**values, **overrides})
+
+
 def run(args: argparse.Namespace) -> int:
     """Loads in the background, serves at once (503 until ready); SIGTERM drains, then exits."""
+    if args.ray:
+        return run_ray(args)
     try:
         import uvicorn
 
         from .app import create_app
-        from .service import ImageService, ServiceConfig
+        from .service import ImageService
     except ImportError as error:
         raise ValueError(
             f"grefine serve needs the serve extra: pip install 'grefine-hooks[serve]' ({error.name} is missing)"
         ) from None
-    from grefine_hooks.generate import load_policy
-    from grefine_hooks.loading import load_refined_pipeline
-
-    if args.model is None and not args.tiny:
-        raise ValueError("--model is required (a hub id or a folder) unless --tiny is given")
-    policy = load_policy(args.policy)
-    config_values: dict[str, Any] = dict(
-        max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-        timeout=args.timeout, max_side=args.max_side, max_steps=args.max_steps,
-    )
-    if args.replica is not None:
-        config_values["replica"] = args.replica
-    config = ServiceConfig(**config_values)
-    model_label = args.model if args.model is not None else f"tiny-{args.family or 'sd15'}"
-    run_id = args.run_id or f"serve-{model_label.rstrip('/').rsplit('/', 1)[-1]}"
-
-    def load():
-        import torch
-
-        loaded = load_refined_pipeline(
-            args.model, family=args.family, tiny=args.tiny, device=args.device,
-            dtype=None if args.dtype is None else getattr(torch, args.dtype), policy=policy,
-            quality_prompts=args.quality_prompts, clip=args.clip, pretrained=args.pretrained, steps=args.steps,
-        )
-        loaded.pipe.run_id = run_id
-        return loaded
-
+    settings = model_settings(args)
+    config = service_config(args)
+    service = ImageService(settings.load, config, quality_log=args.log)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = ImageService(load, config, quality_log=args.log)
-    app = create_app(service, model_names=tuple(args.model_name or ()))
+    app = create_app(service)
 
     class Server(uvicorn.Server):
         """Stops the service taking requests the moment SIGTERM (or Ctrl-C) arrives."""
@@ -122,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         failed.append(error)
         server.should_exit = True
 
-    print(f"grefine serve: loading {model_label}; records go to {redact(args.log)}", file=sys.stderr, flush=True)
+    print(f"grefine serve: loading {settings.label}; records go to {redact(args.log)}", file=sys.stderr, flush=True)
     service.start(on_load_error=on_load_error)
     try:
         server.run()
@@ -131,4 +146,45 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         error = failed[0]
         raise error if isinstance(error, (ValueError, OSError)) else ValueError(f"loading failed: {error}")
+    return 0
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """Starts (or joins) a Ray cluster, runs the replicas behind Serve's proxy until SIGTERM."""
+    import json
+    import signal
+    import threading
+
+    try:
+        import ray
+        from ray import serve
+
+        from ..ray_serve import build_app
+    except ImportError as error:
+        raise ValueError(
+            f"grefine serve --ray needs the ray extra: pip install 'grefine-hooks[ray]' ({error.name} is missing)"
+        ) from None
+    try:
+        autoscaling = None if args.autoscaling is None else json.loads(args.autoscaling)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--autoscaling must be a JSON object: {error}") from None
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    settings, config = model_settings(args), service_config(args)
+    app = build_app(settings, config, log=args.log, replicas=args.replicas, num_gpus=args.num_gpus,
+                    num_cpus=args.num_cpus, autoscaling=autoscaling)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    ray.init(address=args.ray_address)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        print(f"grefine serve --ray: loading {settings.label} on {args.replicas if autoscaling is None else 'autoscaled'} "
+              f"replica(s); records go to {redact(args.log)}", file=sys.stderr, flush=True)
+        serve.run(app, name="grefine", route_prefix="/")
+        print(f"grefine serve --ray: ready on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()  # replicas drain and close their logs (GRefineReplica.__del__)
+        ray.shutdown()
     return 0

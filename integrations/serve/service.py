@@ -64,6 +64,8 @@ class ServiceConfig:
         max_side (`int`, defaults to 2048): the largest image side a request may ask for.
         max_steps (`int`, defaults to 150): the most ``num_inference_steps`` a request may ask for.
         replica (`str`): this process's name in records (default ``host:pid``).
+        model_names (`tuple[str, ...]`): ids a request's ``model`` may name (default: the
+            loaded model's name).
     """
 
     max_queue: int = 16
@@ -73,6 +75,7 @@ class ServiceConfig:
     max_side: int = 2048
     max_steps: int = 150
     replica: str = field(default_factory=default_replica)
+    model_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_batch", "max_side", "max_steps"):
@@ -246,8 +249,18 @@ class ImageService:
         return self._accepting and self._worker is not None and self._worker.is_alive()
 
     @property
+    def accepting(self) -> bool:
+        """False once shutdown began."""
+        return self._accepting
+
+    @property
     def model_name(self) -> str | None:
         return None if self.loaded is None else self.loaded.model
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The ids requests may name: configured ones, else the loaded model's."""
+        return self.config.model_names or ((self.model_name,) if self.model_name else ())
 
     def begin_shutdown(self) -> None:
         """Stops taking requests; those already queued still run (or time out)."""
