@@ -14,6 +14,7 @@ failed), and hands a new policy to running replicas through ``user_config`` / `r
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import socket
 from typing import Any
 
@@ -31,15 +32,22 @@ from .serve.service import ImageService, ServiceConfig
 # it: the replica's own 429 must come first, so Ray's bound sits above it.
 _ONGOING_MARGIN = 8
 
-# This replica process's service (each replica is its own process: one per process).
+# This replica process's service (each replica is its own process: one per process). Ray ships
+# the deployment class by value, with a copy of this module's globals, so both sides reach the
+# real module through sys.modules.
 _service: ImageService | None = None
 
 
+def _this_module() -> Any:
+    return importlib.import_module(__name__)
+
+
 def _current_service() -> ImageService:
-    if _service is None:
+    service = _this_module()._service
+    if service is None:
         raise ServiceError(503, "the replica is starting", type="server_error", code="model_not_ready",
                            headers={"Retry-After": "5"})
-    return _service
+    return service
 
 
 def _ingress_app():
@@ -53,7 +61,6 @@ class GRefineReplica:
     """One replica: loads the pipeline and scorer, then serves until Ray stops or replaces it."""
 
     def __init__(self, settings: ModelSettings, config: ServiceConfig, log: str | None):
-        global _service
         replica_id = serve.get_replica_context().replica_id.unique_id
         config = dataclasses.replace(config, replica=f"{socket.gethostname()}:{replica_id}")
         self.settings = settings
@@ -61,7 +68,7 @@ class GRefineReplica:
         self.service.start()
         if not self.service.wait_until_loaded():
             raise RuntimeError(f"replica {config.replica} could not load its model: {self.service.load_error}")
-        _service = self.service
+        _this_module()._service = self.service
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config = {"policy": {...}}``: fields over the settings' policy, checked by RefinePolicy."""

@@ -192,3 +192,45 @@ def test_unknown_routes_and_methods_keep_the_error_shape(server):
 def test_after_every_bad_input_the_worker_still_serves(client):
     # Runs after the tables above (file order): nothing a client sent stopped the worker.
     assert len(client.images.generate(prompt="a fox", size="64x64", n=1).data) == 1
+
+
+def test_before_the_model_is_loaded_requests_get_503_and_readyz_says_loading(tmp_path):
+    """A real uvicorn server on 127.0.0.1 in this process, over a service whose load waits."""
+    import threading
+
+    import uvicorn
+
+    from grefine_hooks.loading import load_refined_pipeline
+    from grefine_integrations.serve import ImageService, create_app
+
+    from serving import free_port
+
+    release = threading.Event()
+    service = ImageService(lambda: release.wait(120) and load_refined_pipeline(tiny=True),
+                           quality_log=tmp_path / "quality.jsonl")
+    service.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["reason"] == "loading"
+        response = httpx.post(f"{url}/v1/images/generations", json=OK, timeout=30)
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        assert response.json()["error"]["code"] == "model_not_ready"
+        bad = httpx.post(f"{url}/v1/images/generations", json={**OK, "n": 0}, timeout=30)
+        assert bad.status_code == 400  # bad input is named even while loading
+        release.set()
+        assert service.wait_until_loaded(300)
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        assert httpx.post(f"{url}/v1/images/generations", json=OK, timeout=120).status_code == 200
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)
+        service.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -49,7 +50,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     service.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
     service.add_argument("--max-batch", type=int, default=4, help="images per pipeline call")
     service.add_argument("--batch-wait-ms", type=float, default=10.0,
-                         help="how long a request waits for others of its shape (0: no micro-batching)")
+                         help="how long a request waits for others of its shape "
+                              "(0: only those already waiting; --max-batch 1: no batching)")
     service.add_argument("--timeout", type=float, default=300.0, help="seconds per request, the most it may ask for")
     service.add_argument("--max-side", type=int, default=2048, help="largest image side a request may ask for")
     service.add_argument("--max-steps", type=int, default=150, help="most num_inference_steps a request may ask for")
@@ -139,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"grefine serve: loading {settings.label}; records go to {redact(args.log)}", file=sys.stderr, flush=True)
     service.start(on_load_error=on_load_error)
+    # uvicorn re-raises SIGTERM/SIGINT once its own shutdown is done, under the handlers it found;
+    # the service still drains and flushes after that, so those handlers do nothing.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     try:
         server.run()
     finally:
@@ -152,7 +158,6 @@ def run(args: argparse.Namespace) -> int:
 def run_ray(args: argparse.Namespace) -> int:
     """Starts (or joins) a Ray cluster, runs the replicas behind Serve's proxy until SIGTERM."""
     import json
-    import signal
     import threading
 
     try:

@@ -58,7 +58,7 @@ class ServiceConfig:
         max_batch (`int`, defaults to 4): images per pipeline call; a request for more runs alone,
             in calls of at most this many.
         batch_wait_ms (`float`, defaults to 10): how long the first request of a batch waits for
-            others of its shape; 0 turns micro-batching off.
+            others of its shape; 0 merges only requests already waiting (``max_batch=1``: none).
         timeout (`float`, defaults to 300): seconds from arrival to answer; a request may ask for
             less, never more.
         max_side (`int`, defaults to 2048): the largest image side a request may ask for.
