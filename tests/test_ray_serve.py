@@ -113,3 +113,12 @@ def test_the_policy_changes_on_a_running_deployment_and_records_say_which(cluste
 
     with pytest.raises(ValueError, match="p_threshold must be in"):  # refused before reaching a replica
         build_app(ModelSettings(tiny=True, policy=SKIP_ALL), ServiceConfig(), log=str(log), policy={"p_threshold": 7})
+
+
+def test_grefine_serve_ray_checks_its_flags_before_starting_ray(capsys):
+    from grefine_hooks.cli import main
+
+    assert main(["serve", "--ray", "--tiny", "--autoscaling", "{not json"]) == 2
+    assert "--autoscaling must be a JSON object" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--tiny", "--replicas", "0"]) == 2
+    assert "--replicas must be >= 1" in capsys.readouterr().err

@@ -93,8 +93,8 @@ def create_app(
                                param="model", code="model_not_found")
         request_id = _request_id(request)
         service = current()
-        service.check_ready()
-        ticket = service.submit(image_request(body, service.policy, request_id))
+        request_to_run = image_request(body, service.policy, request_id)  # 400s come before 503s
+        ticket = service.submit(request_to_run)
         result = await _wait(ticket, request)
         if result is None:  # the client went away; nobody reads this
             return JSONResponse(ServiceError(499, "client closed the request", code="client_closed").body(),
