@@ -409,7 +409,8 @@ def test_loader_says_where_the_weights_go_when_they_are_absent(monkeypatch, tmp_
 
 @pytest.mark.parametrize(
     "change, match",
-    [({"clip": "  "}, "clip is empty"), ({"device": "tpu"}, "device must be one of"),
+    [({"clip": "  "}, "clip is empty"), ({"pretrained": ""}, "pretrained is empty.*random weights"),
+     ({"device": "tpu"}, "device must be one of"),
      ({"quality_prompts": "learned"}, "quality_prompts must be one of")],
 )
 def test_bad_loader_inputs_name_the_input(change, match):

@@ -62,13 +62,19 @@ class GRefineScorerLoader:
             raise ValueError("device is 'cuda' but torch sees no CUDA device; choose cpu or auto")
         if quality_prompts not in QUALITY_PROMPTS:
             raise ValueError(f"quality_prompts must be one of {QUALITY_PROMPTS}, got {quality_prompts!r}")
+        pretrained = pretrained.strip() if isinstance(pretrained, str) else ""
         if clip.startswith(_LOCAL_DIR):
             _check_local_dir(clip)
+        elif not pretrained:
+            raise ValueError(
+                "pretrained is empty: give a weights tag (openai) or a weights file; open_clip would "
+                "otherwise build the CLIP with random weights and every score would be meaningless"
+            )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             scorer = QualityScorer(
-                clip, pretrained.strip() or None, device=device,
+                clip, pretrained or None, device=device,
                 quality_prompts=None if quality_prompts == "default" else quality_prompts,
             )
         except WeightsNotFoundError as error:
