@@ -110,6 +110,18 @@ class RefinePolicy:
         quality = min(max((p + a) / 2.0, 0.0), 1.0)
         return self.strength_max - (self.strength_max - self.strength_min) * quality
 
+    def guard_drops(self, before: Any, after: Any) -> list[str]:
+        """The never-worse guard: each score (``.p``, ``.a``) of ``after`` that fell by more than
+        ``guard_tolerance`` below ``before``'s, as ``"p 0.610 -> 0.540"``; empty keeps ``after``.
+
+        The refiner and host-app gates (the ComfyUI node pack) revert on this one rule.
+        """
+        return [
+            f"{name} {old:.3f} -> {new:.3f}"
+            for name, old, new in (("p", before.p, after.p), ("a", before.a, after.a))
+            if new < old - self.guard_tolerance
+        ]
+
     def stage_steps(self, num_inference_steps: int) -> tuple[int, int]:
         """Scheduled iterations of stage 1 and stage 2 (eq. 10's ``n1``, ``n2``), each >= 1."""
         total = self.refine_steps or num_inference_steps

@@ -72,6 +72,8 @@ def test_the_wheel_holds_the_packages_their_data_and_the_command(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "grefine_integrations/serve/static/index.html" in names
     assert "grefine_integrations/serve/service.py" in names
+    assert "grefine_integrations/comfyui/example_workflow_api.json" in names
+    assert "grefine_integrations/comfyui/README.md" in names
     assert any(name.startswith("grefine_hooks/data/") for name in names)
     assert not any(name.startswith("integrations/") for name in names)
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))

@@ -1,8 +1,9 @@
-"""RefinePolicy: validation naming the field, the gate, eq. 9's strength, the step split."""
+"""RefinePolicy: validation naming the field, the gate, eq. 9's strength, the step split, the guard."""
 
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import pytest
 
@@ -76,3 +77,12 @@ def test_each_stage_takes_half_of_the_iterations_by_default():
 def test_stage_steps_are_integers():
     n1, n2 = RefinePolicy().stage_steps(7)
     assert isinstance(n1, int) and isinstance(n2, int) and n1 + n2 == 7 and math.isclose(n1, 3.5, abs_tol=0.5)
+
+
+def test_guard_drops_reverts_only_beyond_the_tolerance():
+    Scores = namedtuple("Scores", "p a")
+    strict, lenient = RefinePolicy(guard_tolerance=0.0), RefinePolicy(guard_tolerance=0.02 + 1e-9)
+    assert strict.guard_drops(Scores(0.5, 0.5), Scores(0.5, 0.5)) == []
+    assert strict.guard_drops(Scores(0.5, 0.5), Scores(0.499, 0.6)) == ["p 0.500 -> 0.499"]
+    assert lenient.guard_drops(Scores(0.5, 0.5), Scores(0.48, 0.6)) == []
+    assert RefinePolicy().guard_drops(Scores(0.5, 0.5), Scores(0.4, 0.3)) == ["p 0.500 -> 0.400", "a 0.500 -> 0.300"]

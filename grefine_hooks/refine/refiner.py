@@ -153,12 +153,7 @@ class Refiner:
 
     def _apply_guard(self, outcome: RefineOutcome, before: QualityReport, original: torch.Tensor) -> None:
         """Never worse: keep the original when either score dropped beyond the tolerance."""
-        after, tolerance = outcome.after, self.policy.guard_tolerance
-        drops = [
-            f"{name} {old:.3f} -> {new:.3f}"
-            for name, old, new in (("p", before.p, after.p), ("a", before.a, after.a))
-            if new < old - tolerance
-        ]
+        drops = self.policy.guard_drops(before, outcome.after)
         if drops:
             outcome.guard = "reverted: " + ", ".join(drops)
             outcome.decision = "reverted"
