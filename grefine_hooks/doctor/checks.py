@@ -48,7 +48,8 @@ class Check:
 
 
 def _median(values: torch.Tensor) -> float:
-    return float(values.float().median()) if values.numel() else float("nan")
+    """The median, the mean of the two middle values for an even count."""
+    return float(torch.quantile(values.float().flatten(), 0.5)) if values.numel() else float("nan")
 
 
 def _quantiles(values: torch.Tensor) -> list[float]:
