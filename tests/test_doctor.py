@@ -261,3 +261,13 @@ def test_command_json_with_your_images_and_prompts(clip_dir, tiny_clip_parts, tm
 def test_command_bad_settings_exit_2_naming_the_field(clip_dir, capsys, flags, field):
     assert main(["doctor", "--clip", f"local-dir:{clip_dir}", *flags]) == 2
     assert field in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_released_prompts_belong_to_real_vit_b16():
+    """Needs open_clip ViT-B-16/openai weights in the local cache (GREFINE_RUN_SLOW=1); never run here."""
+    report = run_doctor(QualityScorer("ViT-B-16", "openai"), count=4)
+    assert report.note is None
+    embeddings = report.checks[0]
+    assert embeddings.status == PASS, embeddings.verdict
+    assert embeddings.numbers["pair_names"]["overall"] == ["good photo .", "bad photo ."]

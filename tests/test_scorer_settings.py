@@ -111,7 +111,7 @@ def test_scorer_with_templates_scores_through_the_ensemble_and_caches(tiny_clip_
     other = bare.score(_image(), PROMPT)
     assert report.p == pytest.approx(other.p, abs=1e-6)  # templates touch the AQ-Map only
     assert report.a != pytest.approx(other.a, abs=1e-4)
-    empty = scorer.encode_texts([""])[0]
+    empty = scorer.empty_feature
     torch.testing.assert_close(
         empty, TextFeatures(model, tokenizer, TEMPLATE_SETS["clip-surgery"])([""])[0]
     )
@@ -194,3 +194,8 @@ def test_with_settings_shares_the_model_and_leaves_the_original(scorer):
 def test_with_settings_validates(scorer, settings, field):
     with pytest.raises(ValueError, match=field):
         scorer.with_settings(**settings)
+
+
+def test_a_scorer_can_still_be_deep_copied(scorer):
+    twin = copy.deepcopy(scorer.with_settings(text_templates=["a photo of {}."]))
+    torch.testing.assert_close(twin.encode_texts(["a cat"]), scorer.with_settings(text_templates=["a photo of {}."]).encode_texts(["a cat"]))

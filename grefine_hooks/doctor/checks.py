@@ -183,7 +183,7 @@ def check_quality_map(
 def noun_scores(scorer: QualityScorer, image_features: torch.Tensor, scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
     """``a_noun`` of the pasted shape (present) and of the other shapes (absent), flattened."""
     texts = scorer.encode_texts(SHAPES)
-    a = scorer.alignment.probabilities(image_features, texts, scorer.encode_texts([""])[0]).cpu()
+    a = scorer.alignment.probabilities(image_features, texts, scorer.empty_feature).cpu()
     present = torch.tensor([SHAPES.index(scene.shape) for scene in scenes])
     is_present = F.one_hot(present, len(SHAPES)).bool()
     return a[is_present], a[~is_present]
@@ -222,7 +222,7 @@ def check_nouns(results: dict[str, tuple[torch.Tensor, torch.Tensor]], current: 
 def attribute_gaps(scorer: QualityScorer, image_features: torch.Tensor, scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
     """``a_noun - a_phrase`` for the right colour and for each wrong colour of every pasted shape."""
     phrases = [f"a {colour} {scene.shape}" for scene in scenes for colour in COLOURS]
-    empty = scorer.encode_texts([""])[0]
+    empty = scorer.empty_feature
     nouns = scorer.encode_texts([scene.shape for scene in scenes])
     a_noun = torch.stack([scorer.alignment.probabilities(f, n[None], empty)[0] for f, n in zip(image_features, nouns)])
     features = scorer.encode_texts(phrases).unflatten(0, (len(scenes), len(COLOURS)))

@@ -240,7 +240,7 @@ class QualityScorer:
         if templates != self.text_features.templates:
             self.text_features = TextFeatures(self.model, self.tokenizer, templates)
         self.settings = dict(settings)
-        self.encode_texts([""])
+        self._empty_feature = self.encode_texts([""])[0]
 
     def with_settings(self, **settings: Any) -> QualityScorer:
         """A scorer with other head settings (``HEAD_SETTINGS``) that shares this one's CLIP.
@@ -281,6 +281,11 @@ class QualityScorer:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def empty_feature(self) -> torch.Tensor:
+        """The empty string's AQ-Map feature, CLIP's "redundant feature" (eq. 5), on the model's device."""
+        return self._empty_feature.to(self.device)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """``(N, D)`` normalised AQ-Map text features, as ``text_templates`` says, cached per text."""
@@ -397,7 +402,7 @@ class QualityScorer:
             phrases,
             torch.stack(phrase_features) if phrases else None,
             torch.stack(noun_features) if phrases else None,
-            self.encode_texts([""])[0],
+            self.empty_feature,
         )
 
 

@@ -10,6 +10,7 @@ its feature kept in a bounded cache: prompts repeat across a batch and across ca
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -84,27 +85,39 @@ class TextFeatures:
         self.cache_size = cache_size
         self.chunk = chunk
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # scorers made by ``with_settings`` share the cache
 
     def __len__(self) -> int:
         return len(self._cache)
 
+    def __getstate__(self) -> dict:  # a lock cannot be copied or pickled; a copy gets its own
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def clear(self) -> None:
         """Forgets every cached feature (the next call encodes again)."""
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """``(N, D)`` features of ``texts`` on the model's device; only unseen texts are encoded."""
+        if not texts:
+            raise ValueError("texts must hold at least one text")
         device = next(self.model.parameters()).device
-        missing = list(dict.fromkeys(text for text in texts if text not in self._cache))
-        if missing:
-            for text, feature in zip(missing, self._encode(missing, device)):
-                self._cache[text] = feature
-        for text in texts:
-            self._cache.move_to_end(text)
-        features = torch.stack([self._cache[text] for text in texts]).to(device)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            missing = list(dict.fromkeys(text for text in texts if text not in self._cache))
+            if missing:
+                for text, feature in zip(missing, self._encode(missing, device)):
+                    self._cache[text] = feature
+            for text in texts:
+                self._cache.move_to_end(text)
+            features = torch.stack([self._cache[text] for text in texts]).to(device)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return features
 
     def _encode(self, texts: list[str], device: torch.device) -> torch.Tensor:
