@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"summary: text_templates='clip-surgery' scores a new 2-phrase prompt in {templates['cold']:.2f}x the bare "
-        f"scorer's time ({templates['texts']} texts through the text tower), a cached one in {templates['warm']:.2f}x"
+        f"scorer's time for a new prompt ({templates['texts']} texts through the text tower), a cached prompt in "
+        f"{templates['warm']:.2f}x"
     )
 
 
