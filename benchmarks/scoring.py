@@ -8,7 +8,10 @@ the weights; random weights score with the hand-written quality pairs). Three me
 * one image with prompts of 1 to 8 noun phrases: the AQ-Map encodes the prompt plus each phrase
   and its noun, so every phrase adds two text-tower forwards; the slope is printed;
 * the PQ-Map's quality-pair features are encoded once, when the scorer is built: every text that
-  reaches the text tower is recorded, and none of the pairs is encoded again while scoring.
+  reaches the text tower is recorded, and none of the pairs is encoded again while scoring;
+* the AQ-Map's text template ensemble (``text_templates="clip-surgery"``, 85 templates): one
+  image with a 2-phrase prompt scored cold (text cache cleared) and again with its texts cached,
+  interleaved with the bare-text scorer.
 
     python benchmarks/scoring.py
     python benchmarks/scoring.py --device cuda --dtype float16
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             samples = Samples()
             timings: list[dict[str, float]] = []
             for _ in range(args.repeats):
+                _forget_texts(scorer)
                 seconds, reports = timed(lambda: scorer.score(list(images[:batch]), prompts), device)
                 samples.add(seconds)
                 timings.append(reports[0].timings)
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         samples = Samples()
         timings = []
         for _ in range(args.repeats):
+            _forget_texts(scorer)
             seconds, report = timed(lambda: scorer.score(images[0], prompt), device)
             samples.add(seconds)
             timings.append(report.timings)
@@ -190,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     if not on_gpu:
         print("note: on a CPU the text tower (77 tokens per text) costs as much as the image forward once a prompt "
               "has a few phrases; on a GPU both are milliseconds.")
+    templates = _template_cost(scorer, log, images[0], args.repeats, device)
     print(f"total runtime {time.perf_counter() - started:.0f} s")
     first, last = min(args.batches), max(args.batches)
     print(
@@ -199,6 +205,41 @@ def main(argv: list[str] | None = None) -> None:
         f"+{slope * 1000:.0f} ms (+{slope / one_phrase:.0%}) per noun phrase; quality pairs re-encoded "
         f"{reencoded} times in {score_calls} calls ({args.device} {args.dtype})"
     )
+    print(
+        f"summary: text_templates='clip-surgery' scores a new 2-phrase prompt in {templates['cold']:.2f}x the bare "
+        f"scorer's time for a new prompt ({templates['texts']} texts through the text tower), a cached prompt in "
+        f"{templates['warm']:.2f}x"
+    )
+
+
+def _forget_texts(scorer: QualityScorer) -> None:
+    """Empties the text-feature cache, so a timed call encodes its prompt's texts as a new prompt would."""
+    scorer.text_features.clear()
+
+
+def _template_cost(scorer: QualityScorer, log: TextLog, image: torch.Tensor, repeats: int, device: str) -> dict[str, Any]:
+    """Cold (cache cleared) and cached scoring of one 2-phrase prompt, bare and template-ensembled."""
+    ensembled = scorer.with_settings(text_templates="clip-surgery")
+    prompt = phrase_prompt(2)
+    variants = {"bare": scorer, "clip-surgery": ensembled}
+    samples = {(name, state): Samples() for name in variants for state in ("cold", "cached")}
+    texts: dict[tuple[str, str], int] = {}
+    for _ in range(repeats):  # interleaved: each repeat times every variant and state once
+        for name, chosen in variants.items():
+            _forget_texts(chosen)
+            for state in ("cold", "cached"):
+                log.calls.clear()
+                seconds, _ = timed(lambda: chosen.score(image, prompt), device)
+                samples[name, state].add(seconds)
+                texts[name, state] = sum(len(call) for call in log.calls)
+    rows = [[name, state, str(texts[name, state]), f"{samples[name, state].median * 1000:.0f}"]
+            for name in variants for state in ("cold", "cached")]
+    print()
+    print(f"AQ text templates: one image, {prompt!r} (prompt + 2 phrases + 2 nouns = 5 texts)")
+    print(table(["text_templates", "text cache", "texts encoded", "ms"], rows))
+    bare = samples["bare", "cold"].median
+    return {"cold": samples["clip-surgery", "cold"].median / bare,
+            "warm": samples["clip-surgery", "cached"].median / bare, "texts": texts["clip-surgery", "cold"]}
 
 
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:

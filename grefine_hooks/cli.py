@@ -1,4 +1,4 @@
-"""The grefine command line: score images, train quality prompts, generate in batch, report."""
+"""The grefine command line: score images, train quality prompts, generate in batch, report, doctor."""
 
 from __future__ import annotations
 
@@ -151,6 +151,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+    from .generate import load_policy
+    from .scoring.scorer import QualityScorer
+
+    images = [_open_image(path) for path in args.images] or None
+    scorer = QualityScorer(
+        args.clip, args.pretrained, device=_default_device(args.device), dtype=_dtype(args.dtype),
+        quality_prompts=args.quality_prompts, text_templates=args.text_templates,
+        map_normalization=args.map_normalization, adjective_margin=args.adjective_margin,
+    )
+    report = run_doctor(scorer, images, policy=load_policy(args.policy), count=args.count, seed=args.seed)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 3 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grefine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-thumbnails", type=int, default=50, metavar="N", help="refined/reverted images shown (default 50)"
     )
     report.set_defaults(run=_report)
+
+    doctor = commands.add_parser("doctor", help="check the scorer with the CLIP weights on disk (exit 3: a check failed)")
+    doctor.add_argument("images", nargs="*", metavar="IMAGE", help="your images, a shape is pasted in (default: drawn)")
+    doctor.add_argument("--count", type=int, default=4, help="drawn images when no IMAGE is given")
+    doctor.add_argument("--policy", metavar="FILE", help="RefinePolicy as a JSON object; its thresholds are checked")
+    doctor.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
+    doctor.add_argument("--text-templates", choices=("none", "clip-surgery"), help="AQ-Map text encoding (default: none)")
+    doctor.add_argument("--map-normalization", choices=("absolute", "minmax"), default="absolute")
+    doctor.add_argument("--adjective-margin", type=float, default=0.0)
+    doctor.add_argument("--seed", type=int, default=0)
+    doctor.add_argument("--json", action="store_true", help="print one JSON document")
+    _add_clip_arguments(doctor)
+    doctor.set_defaults(run=_doctor)
     _add_plugin_commands(commands)
     return parser
 

@@ -11,6 +11,10 @@ it cannot lift it::
 
 A two-way softmax only sees the difference of the pair's embeddings, so the features both texts
 share cancel: that is the PQ-Map's redundant-feature removal.
+
+The map is the same product at every patch, an absolute probability by default. The authors'
+code instead min-max normalises its maps over each image's patches (``map_normalization=
+"minmax"``), which ranks the patches but flags some region of every image, good or bad.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .maps import minmax
 from .surgery import SurgeryFeatures
 
 FACTORS = ("overall", "technical", "rationality", "naturalness")
@@ -29,6 +34,8 @@ FACTORS = ("overall", "technical", "rationality", "naturalness")
 # With hand-written pairs a factor is penalised once its negative prompt wins (probability < 1/2):
 # zero-shot CLIP has no calibrated per-factor mean to scale by, unlike the learned prompts.
 HANDWRITTEN_ALPHAS = (0.5, 0.5, 0.5)
+#: ``map_normalization`` values: the cask-effect probability per patch, or min-max over patches.
+MAP_NORMALIZATIONS = ("absolute", "minmax")
 
 
 def load_handwritten_pairs() -> dict[str, tuple[str, str]]:
@@ -92,13 +99,25 @@ class PerceptualQuality:
         alphas (`tuple[float, float, float]`): thresholds of technical, rationality, naturalness.
         logit_scale (`float`): CLIP's learned temperature (``model.logit_scale.exp()``, 100 for
             OpenAI CLIP), as CLIP-IQA uses it.
+        map_normalization (`str`, defaults to `"absolute"`): ``"absolute"`` keeps each patch's
+            probability; ``"minmax"`` rescales each image's map to [0, 1] over its patches. The
+            score ``p`` is the same either way.
     """
 
-    def __init__(self, pair_features: torch.Tensor, alphas: tuple[float, ...], logit_scale: float):
+    def __init__(
+        self,
+        pair_features: torch.Tensor,
+        alphas: tuple[float, ...],
+        logit_scale: float,
+        map_normalization: str = "absolute",
+    ):
         if pair_features.shape[:2] != (len(FACTORS), 2):
             raise ValueError(f"pair_features must have shape (4, 2, D), got {tuple(pair_features.shape)}")
         if len(alphas) != 3 or not all(0.0 < alpha <= 1.0 for alpha in alphas):
             raise ValueError(f"alphas must be three thresholds in (0, 1], got {alphas}")
+        if map_normalization not in MAP_NORMALIZATIONS:
+            raise ValueError(f"map_normalization must be one of {MAP_NORMALIZATIONS}, got {map_normalization!r}")
+        self.map_normalization = map_normalization
         self.pair_features = pair_features
         self.alphas = torch.tensor(alphas, dtype=torch.float32)
         self.logit_scale = float(logit_scale)
@@ -115,4 +134,6 @@ class PerceptualQuality:
         patch_factors = self.factor_probabilities(patches)
         p = cask_effect(factors[..., 0], factors[..., 1:], alphas)
         patch_quality = cask_effect(patch_factors[..., 0], patch_factors[..., 1:], alphas)
+        if self.map_normalization == "minmax":
+            patch_quality = minmax(patch_quality)
         return PerceptualResult(p=p, grid_map=patch_quality.unflatten(-1, features.grid), factors=factors)

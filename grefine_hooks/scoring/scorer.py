@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from contextlib import contextmanager
@@ -34,9 +35,12 @@ from .perceptual import (
 )
 from .prompt_tree import Phrase, load_tagger, parse_prompt
 from .surgery import SurgeryFeatures, check_surgery_support, encode_image_with_surgery
+from .text_features import TextFeatures, resolve_templates
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+#: Settings of the PQ and AQ heads, which `QualityScorer.with_settings` can change cheaply.
+HEAD_SETTINGS = ("a_bound", "beta", "adjective_margin", "text_templates", "map_normalization")
 
 
 @dataclass
@@ -151,6 +155,16 @@ class QualityScorer:
             rationality and naturalness factors (eq. 3); default: the file's ``alphas`` metadata,
             the reference code's values for the released prompts, 0.5 for hand-written pairs.
         a_bound, beta (`float`, defaults to `0.5`): AQ-Map thresholds, see `AlignmentQuality`.
+        adjective_margin (`float`, defaults to `0.0`): a phrase's attributes are unmatched only
+            when ``a_phrase < a_noun - adjective_margin``; see `AlignmentQuality`.
+        text_templates (`str` or `list[str]`, *optional*): how the AQ-Map encodes the prompt, its
+            phrases, nouns and the empty string: None (the bare text, one forward each),
+            ``"clip-surgery"`` (the authors' code: CLIP Surgery's 85-template ensemble), or your
+            own format strings with one ``{}``. Each distinct text is encoded once and cached.
+        map_normalization (`str`, defaults to `"absolute"`): the PQ map as the per-patch
+            cask-effect probability (``"absolute"``) or min-max normalised over each image's
+            patches as the reference code does (``"minmax"``: the worst patch is 0, the best 1, so
+            the mask always finds some region and only the ``p`` gate decides whether to refine).
         surgery_depth (`int`, *optional*): blocks with v-v attention; default half the tower.
         tagger (`str`, defaults to `"ud-ewt"`): POS tagger for the prompt tree, see `load_tagger`.
         max_phrases (`int`, defaults to `16`): phrases beyond this (in prompt order) are not scored,
@@ -175,6 +189,9 @@ class QualityScorer:
         alphas: tuple[float, float, float] | None = None,
         a_bound: float = 0.5,
         beta: float = 0.5,
+        adjective_margin: float = 0.0,
+        text_templates: str | Sequence[str] | None = None,
+        map_normalization: str = "absolute",
         surgery_depth: int | None = None,
         tagger: str = "ud-ewt",
         max_phrases: int = 16,
@@ -191,6 +208,7 @@ class QualityScorer:
         if device is not None or dtype is not None:
             model.to(device=device or reference.device, dtype=dtype or reference.dtype)
         self.model = model.eval()
+        self.clip_name = f"{clip}/{pretrained}" if named_clip else f"a {type(model).__name__} passed in"
         self.tokenizer = tokenizer or open_clip.get_tokenizer(clip)
         self.mean, self.std = _normalization(model, preprocess)
         self.surgery_depth = surgery_depth
@@ -201,11 +219,44 @@ class QualityScorer:
             quality_prompts = released_prompts_path() if named_clip == RELEASED_PROMPTS_CLIP else "handwritten"
         self.quality_prompts = str(quality_prompts)
         pair_features, default_alphas = self._quality_pairs(quality_prompts, named_clip)
-        self.perceptual = PerceptualQuality(
-            pair_features.float(), alphas or default_alphas, float(model.logit_scale.detach().exp())
+        self._pair_features = pair_features.float()
+        self._alphas = tuple(alphas or default_alphas)
+        self.text_features = TextFeatures(self.model, self.tokenizer)
+        self._configure_heads(
+            a_bound=a_bound, beta=beta, adjective_margin=adjective_margin, text_templates=text_templates,
+            map_normalization=map_normalization,
         )
-        self.alignment = AlignmentQuality(a_bound=a_bound, beta=beta)
-        self._empty_feature = self._encode_texts([""])[0]
+
+    def _configure_heads(self, **settings: Any) -> None:
+        """Builds the PQ and AQ heads from ``HEAD_SETTINGS``; each head validates its own."""
+        templates = resolve_templates(settings["text_templates"])
+        self.perceptual = PerceptualQuality(
+            self._pair_features, self._alphas, float(self.model.logit_scale.detach().exp()),
+            map_normalization=settings["map_normalization"],
+        )
+        self.alignment = AlignmentQuality(
+            a_bound=settings["a_bound"], beta=settings["beta"], adjective_margin=settings["adjective_margin"]
+        )
+        if templates != self.text_features.templates:
+            self.text_features = TextFeatures(self.model, self.tokenizer, templates)
+        self.settings = dict(settings)
+        self._empty_feature = self.encode_texts([""])[0]
+
+    def with_settings(self, **settings: Any) -> QualityScorer:
+        """A scorer with other head settings (``HEAD_SETTINGS``) that shares this one's CLIP.
+
+        Nothing is loaded: the model, tokenizer, tagger and quality pairs are shared, and so is the
+        text-feature cache when ``text_templates`` stays the same. ``grefine doctor`` compares
+        settings this way.
+
+        >>> strict = scorer.with_settings(adjective_margin=0.05, text_templates="clip-surgery")
+        """
+        unknown = sorted(set(settings) - set(HEAD_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown scorer setting(s) {unknown}; with_settings takes {list(HEAD_SETTINGS)}")
+        other = copy.copy(self)
+        other._configure_heads(**{**self.settings, **settings})
+        return other
 
     def _quality_pairs(
         self, quality_prompts: str | Path, named_clip: tuple[str, str | None] | None
@@ -231,10 +282,14 @@ class QualityScorer:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    @torch.no_grad()
-    def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float()
+    @property
+    def empty_feature(self) -> torch.Tensor:
+        """The empty string's AQ-Map feature, CLIP's "redundant feature" (eq. 5), on the model's device."""
+        return self._empty_feature.to(self.device)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, D)`` normalised AQ-Map text features, as ``text_templates`` says, cached per text."""
+        return self.text_features(list(texts))
 
     def _pixel_values(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         size = self.model.visual.image_size
@@ -298,7 +353,7 @@ class QualityScorer:
             texts = {prompt for prompt in prompts if prompt is not None}
             texts.update(text for phrases in phrase_lists for ph in phrases for text in (ph.text, ph.noun))
             ordered = sorted(texts)
-            encoded = self._encode_texts(ordered) if ordered else None
+            encoded = self.encode_texts(ordered) if ordered else None
             text_features = {text: encoded[i] for i, text in enumerate(ordered)}
         with watch("alignment"):
             alignments = [
@@ -347,7 +402,7 @@ class QualityScorer:
             phrases,
             torch.stack(phrase_features) if phrases else None,
             torch.stack(noun_features) if phrases else None,
-            self._empty_feature,
+            self.empty_feature,
         )
 
 

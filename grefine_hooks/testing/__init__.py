@@ -11,7 +11,7 @@ code path as ViT-B-16.
 >>> model, preprocess, tokenizer = tiny_clip(seed=0)
 """
 
-from .clip import TINY_CLIP_NAME, save_tiny_clip, tiny_clip
+from .clip import TINY_CLIP_NAME, is_tiny_clip, save_tiny_clip, tiny_clip
 from .pipelines import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "TINY_CLIP_NAME", "save_tiny_clip", "tiny_call_kwargs", "tiny_clip", "tiny_pipeline"]
+__all__ = ["FAMILIES", "TINY_CLIP_NAME", "is_tiny_clip", "save_tiny_clip", "tiny_call_kwargs", "tiny_clip", "tiny_pipeline"]

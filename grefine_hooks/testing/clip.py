@@ -48,3 +48,29 @@ def save_tiny_clip(model: torch.nn.Module, directory: str | Path) -> Path:
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / "open_clip_model.safetensors"))
     return directory
+
+
+
+def _architecture(model: torch.nn.Module) -> tuple:
+    """What tells open_clip ViT CLIPs apart by shape: widths, depths, patch and image size."""
+    visual = model.visual
+    return (
+        tuple(model.text_projection.shape), tuple(model.token_embedding.weight.shape),
+        visual.conv1.out_channels, visual.conv1.kernel_size[0], len(visual.transformer.resblocks),
+        len(model.transformer.resblocks), tuple(visual.image_size) if isinstance(visual.image_size, tuple) else visual.image_size,
+    )
+
+
+def is_tiny_clip(model: torch.nn.Module) -> bool:
+    """True when ``model`` has the tiny test CLIP's architecture, whose random weights mean nothing."""
+    config = json.loads((_CONFIG_DIR / f"{TINY_CLIP_NAME}.json").read_text())
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    size = vision["image_size"]
+    expected = (
+        (text["width"], config["embed_dim"]), (text["vocab_size"], text["width"]), vision["width"],
+        vision["patch_size"], vision["layers"], text["layers"], (size, size),
+    )
+    try:
+        return _architecture(model) == expected
+    except (AttributeError, TypeError):
+        return False
