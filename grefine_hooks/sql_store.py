@@ -138,6 +138,7 @@ class SqlStore:
             self._redact = Redactor(url)
             # pre_ping: a connection the server dropped (restart, failover) is replaced, not reused.
             self.engine = sa.create_engine(url, pool_pre_ping=True)
+            event.listen(self.engine, "connect", _postgres_connect)
         self.postgres = self.engine.dialect.name == "postgresql"
         self._closed = False
         try:
@@ -306,3 +307,13 @@ def _check_text(rows: Sequence[dict[str, Any]]) -> None:
         for name, value in row.items():
             if isinstance(value, str) and "\x00" in value:
                 raise ValueError(f"{name} contains a NUL character, which a SQL quality log cannot store")
+
+
+def _postgres_connect(dbapi_connection, connection_record) -> None:
+    """A server (or role) with ``synchronous_commit=off`` would acknowledge commits before they are
+    flushed; this session turns it back on, so a returned write is durable. Stronger settings stay."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        if cursor.fetchone()[0] == "off":
+            cursor.execute("SET synchronous_commit TO on")
+    dbapi_connection.commit()

@@ -193,3 +193,62 @@ def test_log_compare_is_compare_arms_of_its_contents(tmp_path, suffix):
     assert by_run == compare_arms(records, logged_feedback, n_resamples=500)
     assert everything.arms["treatment"].count == 21 and everything.arms["treatment"].feedback_count > \
         by_run.arms["treatment"].feedback_count
+
+
+def test_report_and_command_line_show_the_numbers_of_compare(tmp_path, capsys):
+    """`grefine report` and `grefine ab` print compare()'s numbers, not numbers of their own."""
+    import re
+
+    from grefine_hooks.ab_stats import ARM_ROWS, DIFFERENCE_ROWS, format_comparison, format_difference, format_value
+    from grefine_hooks.cli import main
+    from grefine_hooks.report import write_report
+
+    records, feedback, _ = synthetic_log(np.random.default_rng(21), effect=True, per_arm=25)
+    path = tmp_path / "quality.sqlite"
+    with QualityLog(path) as log:
+        log.write_many(records)
+        for item in feedback:
+            log.add_feedback(item.record_id, item.score)
+        comparison = log.compare()
+    page = write_report(path, tmp_path / "report.html").read_text()
+    for metric, (_, form) in DIFFERENCE_ROWS.items():
+        row = re.search(f'<tr data-metric="{metric}">(.*?)</tr>', page).group(1)
+        cells = re.findall("<td>(.*?)</td>", row)
+        assert cells[1:] == list(format_difference(comparison.differences[metric], form))
+    for _, name, form in ARM_ROWS:
+        row = re.search(f'<tr data-row="{name}">(.*?)</tr>', page).group(1)
+        cells = re.findall("<td>(.*?)</td>", row)
+        assert cells[1:] == [format_value(form, getattr(comparison.arms[arm], name)) for arm in ("control", "treatment")]
+    assert f"<strong>{comparison.verdict}</strong>" in page
+    assert comparison.arms["treatment"].feedback_count == 25  # the report shows feedback per arm
+
+    assert main(["ab", str(path)]) == 0
+    assert capsys.readouterr().out == format_comparison(comparison) + "\n"
+    assert main(["ab", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(comparison.to_dict()))
+    assert main(["ab", str(path), "--run-id", "nothing-here"]) == 0
+    assert "no comparison" in capsys.readouterr().out
+
+
+def test_feedback_command_appends_and_names_bad_input(tmp_path, capsys):
+    from grefine_hooks.cli import main
+
+    path = tmp_path / "quality.jsonl"
+    record = make("control", "skipped", p_before=0.5, a_before=0.5)
+    with QualityLog(path) as log:
+        log.write(record)
+    assert main(["feedback", str(path), record.record_id, "up", "--source", "app", "--comment", "nice"]) == 0
+    assert main(["feedback", str(path), record.record_id, "0.25"]) == 0
+    assert record.record_id in capsys.readouterr().out
+    with QualityLog(path) as log:
+        assert [(item.score, item.source, item.comment) for item in log.feedback()] == [
+            (1.0, "app", "nice"), (0.25, "user", None)
+        ]
+    for arguments, message in (
+        ([record.record_id, "sideways"], "score"),
+        (["missing-id", "up"], "missing-id"),
+    ):
+        assert main(["feedback", str(path), *arguments]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["feedback", str(tmp_path / "nope.sqlite"), record.record_id, "up"]) == 2
+    assert "nope.sqlite" in capsys.readouterr().err and not (tmp_path / "nope.sqlite").exists()

@@ -185,3 +185,18 @@ def test_the_command_line_takes_a_url_in_a_fresh_process(postgres_url, postgres_
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing_" in bad.stderr
     assert postgres_server.password not in done.stdout + done.stderr + bad.stdout + bad.stderr
+
+
+def test_commits_are_synchronous_even_where_the_server_says_otherwise(postgres_url, postgres_server):
+    """A database set to ``synchronous_commit=off`` would acknowledge writes before they are flushed."""
+    database = postgres_url.rsplit("/", 1)[1]
+    with postgres_server.admin() as connection:
+        connection.execute(f"ALTER DATABASE {database} SET synchronous_commit = off")
+    import psycopg
+
+    with psycopg.connect(postgres_url) as plain:
+        assert plain.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    with QualityLog(postgres_url) as log:
+        log.write(make_record())
+        with log._store.engine.connect() as connection:
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
