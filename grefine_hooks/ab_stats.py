@@ -161,7 +161,9 @@ def _samples(records: list[QualityRecord], ratings: dict[str, list[float]]) -> d
     }
 
 
-def _arm_stats(records: list[QualityRecord], samples: dict[str, np.ndarray], ratings: dict[str, list[float]]) -> ArmStats:
+def _arm_stats(
+    records: list[QualityRecord], samples: dict[str, np.ndarray], ratings: dict[str, list[float]]
+) -> ArmStats:
     count = len(records)
 
     def share(decisions: tuple[str, ...]) -> float | None:

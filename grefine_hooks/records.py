@@ -416,7 +416,8 @@ class QualityLog:
             _check_location(self.path)
         if sink == "jsonl":
             self._store = _JsonlStore(self.path, QualityRecord.from_dict)
-            self._feedback = _JsonlStore(self.path.with_suffix(".feedback" + self.path.suffix), Feedback.from_dict, create=False)
+            feedback_path = self.path.with_suffix(".feedback" + self.path.suffix)
+            self._feedback = _JsonlStore(feedback_path, Feedback.from_dict, create=False)
         else:
             from .sql_store import SqlStore  # SQLAlchemy loads only for a SQL log
 
@@ -441,7 +442,9 @@ class QualityLog:
             return value
         if isinstance(value, (str, os.PathLike)):
             return cls(value)
-        raise TypeError(f"quality_log must be a QualityLog, a path, a postgresql:// URL or None, got {type(value).__name__}")
+        raise TypeError(
+            f"quality_log must be a QualityLog, a path, a postgresql:// URL or None, got {type(value).__name__}"
+        )
 
     def write(self, record: QualityRecord) -> None:
         """Appends one record; it is on disk when this returns."""
@@ -458,12 +461,7 @@ class QualityLog:
         if self.sink == "jsonl":
             self._store.append(records)
             return
-        self._store.append([
-            {"record_id": record.record_id, "run_id": record.run_id, "arm": record.arm,
-             "created_at": record.created_at, "decision": record.decision,
-             "schema_version": record.schema_version, "data": record.to_json()}
-            for record in records
-        ])
+        self._store.append([_record_row(record) for record in records])
 
     def read(
         self,
@@ -554,9 +552,10 @@ class QualityLog:
         """Treatment against control, with bootstrap intervals: see :func:`grefine_hooks.ab_stats.compare_arms`."""
         from .ab_stats import compare_arms
 
-        records = self.read(run_id=run_id)
-        feedback = self.feedback() if run_id is None else self.feedback(record.record_id for record in records)
-        return compare_arms(records, feedback, confidence=confidence, n_resamples=n_resamples, seed=seed)
+        # Feedback on records of other runs is ignored by compare_arms.
+        return compare_arms(
+            self.read(run_id=run_id), self.feedback(), confidence=confidence, n_resamples=n_resamples, seed=seed
+        )
 
     def close(self) -> None:
         """Releases the file / connections; closing twice is fine, writing afterwards is an error."""
@@ -572,6 +571,13 @@ class QualityLog:
 
     def __repr__(self) -> str:
         return f"QualityLog({self.location!r}, sink={self.sink!r})"
+
+
+def _record_row(record: QualityRecord) -> dict[str, Any]:
+    """A record as a row of the SQL ``records`` table; serialised (and so validated) first."""
+    data = record.to_json()
+    return {"record_id": record.record_id, "run_id": record.run_id, "arm": record.arm, "created_at": record.created_at,
+            "decision": record.decision, "schema_version": record.schema_version, "data": data}
 
 
 def _parse_rows(rows: list[tuple[int, str]], parse: Callable[[str], Any], location: str) -> list[Any]:

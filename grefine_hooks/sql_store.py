@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 
 #: The one schema. ``seq`` is the write order (SQLite's rowid alias; a sequence in PostgreSQL).
 METADATA = sa.MetaData()
@@ -141,6 +141,7 @@ class SqlStore:
             event.listen(self.engine, "connect", _postgres_connect)
         self.postgres = self.engine.dialect.name == "postgresql"
         self._closed = False
+        self._has_feedback_table = True  # False for a log from before feedback existed (see below)
         try:
             with self._connection(write=True, verb="open") as connection:
                 self._create_or_check_schema(connection)
@@ -178,7 +179,7 @@ class SqlStore:
 
     def _ensure_feedback_table(self, connection: Connection) -> None:
         """Logs from before feedback existed get the table on their first feedback, not on open."""
-        if getattr(self, "_has_feedback_table", True):
+        if self._has_feedback_table:
             return
         if self.postgres:
             connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
@@ -203,14 +204,17 @@ class SqlStore:
     def append_feedback(self, row: dict[str, Any]) -> None:
         """Inserts one feedback row, in the transaction that checks its record exists."""
         _check_text([row])
-        with self._transaction() as connection:
-            self._ensure_feedback_table(connection)
-            found = connection.execute(
-                sa.select(RECORDS.c.seq).where(RECORDS.c.record_id == row["record_id"])
-            ).first()
-            if found is None:
-                raise KeyError(row["record_id"])
-            connection.execute(sa.insert(FEEDBACK), [row])
+        try:
+            with self._transaction() as connection:
+                self._ensure_feedback_table(connection)
+                found = connection.execute(
+                    sa.select(RECORDS.c.seq).where(RECORDS.c.record_id == row["record_id"])
+                ).first()
+                if found is None:
+                    raise KeyError(row["record_id"])
+                connection.execute(sa.insert(FEEDBACK), [row])
+        except exc.IntegrityError:
+            raise ValueError(f"quality log {self.name}: feedback_id {row['feedback_id']!r} is already logged") from None
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -219,18 +223,20 @@ class SqlStore:
     ) -> list[tuple[int, str]]:
         """(seq, JSON) of the records matching the filters, in write order."""
         query = sa.select(RECORDS.c.seq, RECORDS.c.data).order_by(RECORDS.c.seq)
-        for column, value, compare in (
-            (RECORDS.c.run_id, run_id, "__eq__"), (RECORDS.c.arm, arm, "__eq__"),
-            (RECORDS.c.created_at, since, "__ge__"), (RECORDS.c.created_at, until, "__lt__"),
-        ):
-            if value is not None:
-                query = query.where(getattr(column, compare)(value))
+        if run_id is not None:
+            query = query.where(RECORDS.c.run_id == run_id)
+        if arm is not None:
+            query = query.where(RECORDS.c.arm == arm)
+        if since is not None:
+            query = query.where(RECORDS.c.created_at >= since)
+        if until is not None:
+            query = query.where(RECORDS.c.created_at < until)
         with self._reading() as connection:
             return [tuple(row) for row in connection.execute(query)]
 
     def load_feedback(self, record_ids: Sequence[str] | None = None) -> list[tuple[int, str]]:
         """(seq, JSON) of the feedback (optionally on these records), in write order."""
-        if not getattr(self, "_has_feedback_table", True):
+        if not self._has_feedback_table:
             with self._reading() as connection:
                 if FEEDBACK.name not in sa.inspect(connection).get_table_names():
                     return []

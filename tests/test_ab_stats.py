@@ -218,7 +218,8 @@ def test_report_and_command_line_show_the_numbers_of_compare(tmp_path, capsys):
     for _, name, form in ARM_ROWS:
         row = re.search(f'<tr data-row="{name}">(.*?)</tr>', page).group(1)
         cells = re.findall("<td>(.*?)</td>", row)
-        assert cells[1:] == [format_value(form, getattr(comparison.arms[arm], name)) for arm in ("control", "treatment")]
+        expected = [format_value(form, getattr(comparison.arms[arm], name)) for arm in ("control", "treatment")]
+        assert cells[1:] == expected
     assert f"<strong>{comparison.verdict}</strong>" in page
     assert comparison.arms["treatment"].feedback_count == 25  # the report shows feedback per arm
 

@@ -62,7 +62,8 @@ def test_pipeline_queues_records_while_the_server_is_down(scorer, postgres_url, 
     pipe.set_progress_bar_config(disable=True)
 
     def call(seed: int):
-        return pipe(["a red book", "a cat"], generator=torch.Generator().manual_seed(seed), **tiny_call_kwargs("sd15", 2))
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(["a red book", "a cat"], generator=generator, **tiny_call_kwargs("sd15", 2))
 
     first = call(1)
     outage.stop()

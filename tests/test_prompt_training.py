@@ -359,9 +359,10 @@ def _rated_log(rated, path: Path, run_id: str = "app") -> list:
             log.add_feedback(record.record_id, score + spread)
             log.add_feedback(record.record_id, score - spread)
             records.append(record)
-        # Unrated records and another run's are not training data.
+        # A record without feedback is not training data.
+        unrated = str(rated["dir"] / rated["rows"][0][0])
         log.write(QualityRecord(run_id=run_id, pipeline_class="P", image_index=999, arm="control",
-                                decision="skipped", reason="unrated", image_path=str(rated["dir"] / rated["rows"][0][0])))
+                                decision="skipped", reason="unrated", image_path=unrated))
     return records
 
 

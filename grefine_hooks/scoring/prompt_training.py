@@ -253,14 +253,16 @@ def read_log_ratings(log, run_id: str | None = None, missing: str = "error") -> 
         raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
     records = [record for record in log.read(run_id=run_id) if record.image_path is not None]
     scores: dict[str, list[float]] = {}
-    for item in log.feedback(record.record_id for record in records):
+    for item in log.feedback():
         scores.setdefault(item.record_id, []).append(item.score)
     rated = [record for record in records if record.record_id in scores]
     if not rated:
         raise ValueError(f"quality log {log.location} has no feedback on a record with an image; nothing to learn from")
     mos = torch.tensor([sum(scores[r.record_id]) / len(scores[r.record_id]) for r in rated], dtype=torch.float64)
     if mos.min() == mos.max():
-        raise ValueError(f"quality log {log.location}: every rated image has the same mean feedback, nothing to learn from")
+        raise ValueError(
+            f"quality log {log.location}: every rated image has the same mean feedback, nothing to learn from"
+        )
     targets = torch.full((len(rated), len(FACTORS)), math.nan)
     targets[:, 0] = minmax(mos, dim=0).float()
     paths = [resolve_record_path(record.image_path, log.path) for record in rated]
