@@ -2,10 +2,10 @@
 
 SQLAlchemy Core carries both: the tables are defined once below, and every statement is built
 from them, so a SQLite file and a PostgreSQL database hold the same rows. What differs is only
-how a writer takes its turn: SQLite serialises writers with ``BEGIN IMMEDIATE`` (WAL mode,
-``synchronous=FULL``), PostgreSQL with row-level locking and, while the schema is created, a
-transaction-scoped advisory lock, so that many processes on many hosts may open and write one
-log at once. The SQLite layout is the one earlier releases wrote with the ``sqlite3`` module
+how writers share the log: SQLite serialises them with ``BEGIN IMMEDIATE`` (WAL mode,
+``synchronous=FULL``); PostgreSQL runs their insert transactions side by side and serialises only
+the creation of the schema, with a transaction-scoped advisory lock, so that many processes on
+many hosts may open and write one log at once. The SQLite layout is the one earlier releases wrote with the ``sqlite3`` module
 (``meta``, ``records`` and its indexes), so their files open unchanged.
 
 Credentials stay out of everything this module says: the log's name is its URL without the
