@@ -20,6 +20,7 @@ _EXPORTS = {
     "RefinedStableDiffusionXLPipeline": ".pipelines",
     "wrap": ".pipelines",
     "RefinePolicy": ".policy",
+    "Feedback": ".records",
     "QualityLog": ".records",
     "QualityRecord": ".records",
     "Phrase": ".scoring.prompt_tree",
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
         wrap,
     )
     from .policy import RefinePolicy
-    from .records import QualityLog, QualityRecord
+    from .records import Feedback, QualityLog, QualityRecord
     from .scoring.prompt_tree import Phrase, parse_prompt
     from .scoring.scorer import QualityReport, QualityScorer
 

@@ -1,4 +1,5 @@
-"""The grefine command line: score images, train quality prompts, generate in batch, report, doctor."""
+"""The grefine command line: score images, train quality prompts, generate in batch, report, A/B
+verdicts and feedback, doctor."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from .errors import WeightsNotFoundError
+from .records import UnknownRecordError
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +26,7 @@ FAMILIES = ("sd15", "sdxl", "pixart-alpha", "pixart-sigma", "cascade")
 #: Entry-point group of subcommands other packages add (``grefine serve`` comes from
 #: grefine_integrations this way): each names ``register(subparsers)``, which adds its parser.
 COMMAND_ENTRY_POINTS = "grefine_hooks.commands"
+_LOG_FORMATS = ".jsonl, .sqlite, .sqlite3, .db or a postgresql:// URL"
 
 
 def _add_clip_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
@@ -104,11 +107,30 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_prompts(args: argparse.Namespace) -> int:
-    from .scoring.prompt_training import train_quality_prompts
+def _existing_log(location: str):
+    """Opens a log a command reads or adds to: a file must exist already (opening would create it)."""
+    from .records import QualityLog, is_database_url
 
+    if not is_database_url(location) and not Path(location).is_file():
+        raise FileNotFoundError(f"quality log {location!r} does not exist")
+    return QualityLog(location)
+
+
+def _train_prompts(args: argparse.Namespace) -> int:
+    from .scoring.prompt_training import read_log_ratings, train_quality_prompts
+
+    if (args.from_log is None) == (args.ratings is None):
+        raise ValueError("give either --ratings with --images, or --from-log")
+    if args.ratings is not None and args.images is None:
+        raise ValueError("--ratings needs --images, the directory its image paths are relative to")
+    ratings = args.ratings
+    if args.from_log is not None:
+        if args.images is not None or args.factors:
+            raise ValueError("--from-log reads the images and their feedback from the log: drop --images/--factors")
+        with _existing_log(args.from_log) as log:
+            ratings = read_log_ratings(log, run_id=args.run_id, missing=args.missing)
     result = train_quality_prompts(
-        args.ratings,
+        ratings,
         args.images,
         args.out,
         clip=args.clip,
@@ -167,6 +189,22 @@ def _doctor(args: argparse.Namespace) -> int:
     return 3 if report.failed else 0
 
 
+def _feedback(args: argparse.Namespace) -> int:
+    with _existing_log(args.log) as log:
+        item = log.add_feedback(args.record_id, args.score, source=args.source, comment=args.comment)
+    print(f"feedback {item.feedback_id}: score {item.score:g} on record {item.record_id} ({item.source})")
+    return 0
+
+
+def _ab(args: argparse.Namespace) -> int:
+    from .ab_stats import format_comparison
+
+    with _existing_log(args.log) as log:
+        comparison = log.compare(run_id=args.run_id, n_resamples=args.resamples, seed=args.seed)
+    print(json.dumps(comparison.to_dict(), indent=2) if args.json else format_comparison(comparison))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grefine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,8 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(run=_score)
 
     train = commands.add_parser("train-prompts", help="learn PQ-Map quality prompts from rated images")
-    train.add_argument("--ratings", required=True, help="CSV with image,mos[,technical,rationality,naturalness]")
-    train.add_argument("--images", required=True, metavar="DIR", help="directory the CSV's image paths are in")
+    train.add_argument("--ratings", help="CSV with image,mos[,technical,rationality,naturalness]")
+    train.add_argument("--images", metavar="DIR", help="directory the CSV's image paths are in")
+    train.add_argument(
+        "--from-log", metavar="LOG", help="instead of --ratings: the log's images, rated by their feedback"
+    )
+    train.add_argument("--run-id", metavar="ID", help="with --from-log: only this run's images")
     train.add_argument("--out", required=True, metavar="FILE", help="prompts file to write (.safetensors)")
     train.add_argument("--epochs", type=int, default=50)
     train.add_argument("--lr", type=float, default=2e-3)
@@ -210,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line; '#' lines skipped")
     generate.add_argument("--out", required=True, metavar="DIR", help="images/, maps/ and the default log go here")
     generate.add_argument("--policy", metavar="FILE", help="RefinePolicy as a JSON object")
-    generate.add_argument("--log", metavar="FILE", help="quality log, .jsonl or .sqlite (default: DIR/quality.sqlite)")
+    generate.add_argument(
+        "--log", metavar="LOG", help=f"quality log, {_LOG_FORMATS} (default: DIR/quality.sqlite)"
+    )
     generate.add_argument("--ab-split", type=float, help="share of images refined (overrides the policy's)")
     generate.add_argument("--images-per-prompt", type=int, default=1, metavar="N")
     generate.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed S + i")
@@ -225,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=_generate)
 
     report = commands.add_parser("report", help="write a self-contained HTML A/B report of a quality log")
-    report.add_argument("log", metavar="LOG", help="quality log (.jsonl, .sqlite, .sqlite3 or .db)")
+    report.add_argument("log", metavar="LOG", help=f"quality log, {_LOG_FORMATS}")
     report.add_argument("--out", required=True, metavar="FILE", help="HTML file to write")
     report.add_argument("--run-id", default=None, metavar="ID", help="report only this run (default: every record)")
     report.add_argument(
@@ -245,6 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print one JSON document")
     _add_clip_arguments(doctor)
     doctor.set_defaults(run=_doctor)
+
+    feedback = commands.add_parser("feedback", help="add a user's verdict on a logged image")
+    feedback.add_argument("log", metavar="LOG", help=f"quality log, {_LOG_FORMATS}")
+    feedback.add_argument("record_id", metavar="RECORD_ID", help="the image's record id")
+    feedback.add_argument("score", metavar="SCORE", help="'up', 'down' or a rating in [0, 1] (1 = liked)")
+    feedback.add_argument("--source", default="user", help="who gave it (default: user)")
+    feedback.add_argument("--comment", help="free text")
+    feedback.set_defaults(run=_feedback)
+
+    ab = commands.add_parser("ab", help="treatment vs control with 95%% bootstrap intervals, and a verdict")
+    ab.add_argument("log", metavar="LOG", help=f"quality log, {_LOG_FORMATS}")
+    ab.add_argument("--run-id", default=None, metavar="ID", help="compare only this run (default: every record)")
+    ab.add_argument("--json", action="store_true", help="print one JSON document")
+    ab.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    ab.add_argument("--resamples", type=int, default=9999, metavar="N", help="bootstrap resamples (default 9999)")
+    ab.set_defaults(run=_ab)
     _add_plugin_commands(commands)
     return parser
 
@@ -273,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, UnknownRecordError) as error:
         print(f"grefine {args.command}: {error}", file=sys.stderr)
         return 1 if isinstance(error, WeightsNotFoundError) else 2
 

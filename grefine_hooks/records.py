@@ -3,9 +3,10 @@
 Every image a wrapped pipeline returns yields one :class:`QualityRecord`: the parameters that made
 it and what the refiner did (ADetailer's per-image ``extra_params``, for every image).
 :func:`assign_arm` splits images reproducibly into a control arm (scored only) and a treatment arm
-(refined by the policy), and :class:`QualityLog` appends the records to a JSONL file or a SQLite
-database that threads and processes may write at once, and that keeps every record whose
-``write()`` returned even when the writer is killed.
+(refined by the policy), and :class:`QualityLog` appends the records, and the users' :class:`Feedback`
+on them, to a JSONL file, a SQLite database or a PostgreSQL database that threads, processes and
+hosts may write at once, and that keeps every record whose ``write()`` returned even when the
+writer is killed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import math
 import numbers
 import os
-import sqlite3
 import statistics
 import threading
 import uuid
@@ -25,7 +25,10 @@ import weakref
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from .ab_stats import Comparison
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +41,27 @@ DECISIONS = ("skipped", "refined", "reverted", "failed")
 REFINE_DECISIONS = ("refined", "reverted", "failed")
 # The timings the refiner adds on top of generation (see QualityRecord.added_seconds).
 ADDED_TIMING_KEYS = ("score", "stage1", "stage2", "rescore")
-# Log file suffix -> sink.
+# Log file suffix -> sink; a postgresql:// URL is the "postgresql" sink.
 SINKS = {".jsonl": "jsonl", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
+SINK_NAMES = ("jsonl", "sqlite", "postgresql")
+# The feedback layout, versioned on its own: records and feedback change independently. A SQL log
+# keeps it in meta as feedback_schema_version; a JSONL log's feedback lines carry it.
+FEEDBACK_SCHEMA_VERSION = 1
+# Thumbs as scores on the rating scale [0, 1].
+THUMBS = {"up": 1.0, "down": 0.0}
 
 _SCORE_FIELDS = ("p_before", "a_before", "p_after", "a_after")
 _OPTIONAL_TEXT_FIELDS = (
     "model_id", "prompt", "negative_prompt", "guard", "error", "emphasized_prompt", "request_id", "replica"
 )
 _PATH_FIELDS = ("image_path", "original_image_path")
-# SQLite writers wait this long for each other before giving up.
-_BUSY_TIMEOUT_SECONDS = 30.0
+
+
+class UnknownRecordError(KeyError):
+    """Feedback named a record_id the log does not hold (a KeyError whose text is the message)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def _utc_now() -> str:
@@ -218,6 +232,83 @@ class QualityRecord:
         return cls.from_dict(json.loads(text))
 
 
+@dataclass(kw_only=True)
+class Feedback:
+    """A user's verdict on one logged image, appended next to its record (several per record allowed).
+
+    Attributes:
+        record_id (`str`): the :class:`QualityRecord` judged.
+        score (`float`): in [0, 1], 1 = liked; thumbs are ``"up"`` (1.0) / ``"down"`` (0.0) or
+            ``True`` / ``False``, stored as those numbers so ratings and thumbs average together.
+        source (`str`, defaults to `"user"`): who or what gave it (``"user"``, ``"moderator"``,
+            an app's name), so feedback of different kinds can be told apart later.
+        comment (`str`, *optional*): free text.
+        feedback_id (`str`): uuid4 hex. created_at (`str`): as in :class:`QualityRecord`.
+        schema_version (`int`): the feedback layout, :data:`FEEDBACK_SCHEMA_VERSION` when written.
+    """
+
+    record_id: str
+    score: float
+    source: str = "user"
+    comment: str | None = None
+    feedback_id: str = field(default_factory=_new_record_id)
+    created_at: str = field(default_factory=_utc_now)
+    schema_version: int = FEEDBACK_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_feedback_version(self.schema_version)
+        for name in ("record_id", "source", "feedback_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        self.score = feedback_score(self.score)
+        if self.comment is not None and not isinstance(self.comment, str):
+            raise ValueError(f"comment must be a string or None, got {self.comment!r}")
+        _check_created_at(self.created_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        self.validate()
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Feedback:
+        """Rebuilds feedback; unknown or missing fields and newer schema versions are errors."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a Feedback is a JSON object, got {type(values).__name__}")
+        _check_feedback_version(values.get("schema_version", FEEDBACK_SCHEMA_VERSION))
+        unknown = sorted(set(values) - {item.name for item in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown Feedback field(s) {unknown}")
+        missing = sorted({"record_id", "score"} - set(values))
+        if missing:
+            raise ValueError(f"Feedback is missing required field(s) {missing}")
+        return cls(**values)
+
+
+def feedback_score(value: Any) -> float:
+    """A verdict as a score in [0, 1]: ``"up"``/``True`` is 1.0, ``"down"``/``False`` 0.0, a number as is."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in THUMBS:
+            return THUMBS[text]
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"score must be 'up', 'down' or a number in [0, 1], got {value!r}") from None
+    try:
+        return _unit("score", value)
+    except ValueError:
+        raise ValueError(f"score must be 'up', 'down' or a number in [0, 1], got {value!r}") from None
+
+
 def assign_arm(run_id: str, prompt: str | None, seed: int | None, image_index: int, ab_split: float) -> str:
     """The A/B arm of one image, ``"treatment"`` with probability ``ab_split``, else ``"control"``.
 
@@ -240,35 +331,54 @@ def assign_arm(run_id: str, prompt: str | None, seed: int | None, image_index: i
     return "treatment" if draw < ab_split else "control"
 
 
-def record_path(path: str | Path, log_path: str | Path) -> str:
+def is_database_url(location: Any) -> bool:
+    """Whether a quality-log location is a ``postgresql://`` (or ``postgresql+psycopg://``) URL, not a file."""
+    return isinstance(location, str) and location.split("://", 1)[0].lower() in (
+        "postgresql", "postgres", "postgresql+psycopg"
+    )
+
+
+def record_path(path: str | Path, log_path: str | Path | None) -> str:
     """How a record stores ``path``: relative to the log's directory when inside it, else absolute.
 
-    A log and the images under its directory can then be moved or copied together.
+    A log and the images under its directory can then be moved or copied together. A database
+    server's log (``log_path`` None) has no directory: its paths are absolute.
     """
     resolved = Path(path).resolve()
+    if log_path is None:
+        return str(resolved)
     try:
         return resolved.relative_to(Path(log_path).parent.resolve()).as_posix()
     except ValueError:
         return str(resolved)
 
 
-def resolve_record_path(value: str, log_path: str | Path) -> Path:
+def resolve_record_path(value: str, log_path: str | Path | None) -> Path:
     """The file a record's path names (the inverse of `record_path`)."""
     path = Path(value)
-    return path if path.is_absolute() else Path(log_path).parent / path
+    return path if path.is_absolute() or log_path is None else Path(log_path).parent / path
 
 
 class QualityLog:
-    """An append-only log of :class:`QualityRecord`, in a JSONL file or a SQLite database.
+    """An append-only log of :class:`QualityRecord` and :class:`Feedback`: JSONL, SQLite or PostgreSQL.
 
     Args:
-        path (`str` or `os.PathLike`): the log; created when missing, never truncated or rewritten.
-        sink (`str`, *optional*): ``"jsonl"`` or ``"sqlite"``; None chooses from the suffix
-            (``.jsonl``; ``.sqlite``, ``.sqlite3``, ``.db``).
+        path (`str` or `os.PathLike`): a file, created when missing, never truncated or rewritten;
+            or a ``postgresql://user@host:port/db`` URL (psycopg 3, the ``[postgres]`` extra).
+            Whatever the URL leaves out (host, user, password, database) comes from libpq's
+            ``PG*`` environment variables (``PGPASSWORD``, ...) or ``~/.pgpass``; ``postgresql://``
+            alone takes everything from there. The password never appears in an error, a log
+            line, ``repr`` or :attr:`location`.
+        sink (`str`, *optional*): ``"jsonl"``, ``"sqlite"`` or ``"postgresql"``; None chooses
+            from the URL scheme or the suffix (``.jsonl``; ``.sqlite``, ``.sqlite3``, ``.db``).
 
-    Every ``write`` is on disk (fsynced / committed) before it returns, so a record whose write
+    Every ``write`` is durable (fsynced / committed) before it returns, so a record whose write
     returned survives the writer being killed. Threads may share one log; processes each open
-    their own (do not carry an open log across ``fork``) and may write to the same path at once.
+    their own (do not carry an open log across ``fork``) and may write to the same file or
+    database at once, from any number of hosts for PostgreSQL. SQLite and PostgreSQL share one
+    schema and one SQL code path (:mod:`grefine_hooks.sql_store`); give a PostgreSQL log a
+    database of its own. When the server is unreachable ``write`` raises OSError, so the
+    pipeline keeps the records queued and writes them once the server is back.
 
     Reading JSONL: blank lines are ignored; a line that is not JSON is skipped and counted in
     ``skipped_lines`` (set by every ``read``) with a logged warning naming its line number, so one
@@ -276,32 +386,54 @@ class QualityLog:
     it. Writers start every record on a fresh line, so a torn fragment never swallows a later
     record. A line that is valid JSON but not a valid record is not corruption but a different
     writer: it raises ValueError naming the line, as does a record from a newer grefine-hooks.
-    SQLite never has torn rows; its ``skipped_lines`` is always 0.
+    SQL logs never have torn rows; their ``skipped_lines`` is always 0. A JSONL log keeps its
+    feedback in a file beside it, ``NAME.feedback.jsonl`` (created by the first feedback).
 
     >>> with QualityLog("runs/quality.jsonl") as log:  # doctest: +SKIP
     ...     log.write(record)
-    ...     log.summary()["treatment"]["refine_rate"]
+    ...     log.add_feedback(record.record_id, "up")
+    ...     print(log.compare().verdict)
     """
 
     def __init__(self, path: str | os.PathLike, sink: str | None = None):
-        self.path = Path(path)
+        url = is_database_url(path)
         if sink is None:
-            sink = SINKS.get(self.path.suffix.lower())
+            sink = "postgresql" if url else SINKS.get(Path(path).suffix.lower())
             if sink is None:
                 raise ValueError(
-                    f"cannot tell the quality log format of {str(self.path)!r} from its suffix: use one of "
-                    f"{sorted(SINKS)} or pass sink='jsonl' or sink='sqlite'"
+                    f"cannot tell the quality log format of {os.fspath(path)!r} from its suffix: use one of "
+                    f"{sorted(SINKS)}, a postgresql:// URL, or pass sink='jsonl' or sink='sqlite'"
                 )
-        elif sink not in ("jsonl", "sqlite"):
-            raise ValueError(f"sink must be 'jsonl' or 'sqlite', got {sink!r}")
+        elif sink not in SINK_NAMES:
+            raise ValueError(f"sink must be one of {SINK_NAMES}, got {sink!r}")
+        if (sink == "postgresql") != url:
+            raise ValueError(f"sink {sink!r} does not match the quality log location (a postgresql:// URL or a file)")
         self.sink = sink
-        _check_location(self.path)
-        self._store = _JsonlStore(self.path) if sink == "jsonl" else _SqliteStore(self.path)
         self.skipped_lines = 0
+        #: The file, or None for a database server.
+        self.path: Path | None = None if url else Path(path)
+        if self.path is not None:
+            _check_location(self.path)
+        if sink == "jsonl":
+            self._store = _JsonlStore(self.path, QualityRecord.from_dict)
+            feedback_path = self.path.with_suffix(".feedback" + self.path.suffix)
+            self._feedback = _JsonlStore(feedback_path, Feedback.from_dict, create=False)
+        else:
+            from .sql_store import SqlStore  # SQLAlchemy loads only for a SQL log
+
+            self._store = SqlStore(
+                self.path if self.path is not None else os.fspath(path),
+                records_version=SCHEMA_VERSION,
+                feedback_version=FEEDBACK_SCHEMA_VERSION,
+                check_version=_check_stored_version,
+            )
+            self._feedback = None
+        #: Where the log is, for messages: the file, or the URL without its password.
+        self.location: str = str(self.path) if self.path is not None else self._store.name
 
     @classmethod
     def coerce(cls, value: QualityLog | str | os.PathLike | None) -> QualityLog | None:
-        """The log for a pipeline's ``quality_log=`` argument: a QualityLog as is, a path opened, None (off).
+        """The log for a pipeline's ``quality_log=`` argument: a QualityLog as is, a path or URL opened, None (off).
 
         A log opened here from a path belongs to the caller, who closes it; a QualityLog passed in
         stays open.
@@ -310,7 +442,9 @@ class QualityLog:
             return value
         if isinstance(value, (str, os.PathLike)):
             return cls(value)
-        raise TypeError(f"quality_log must be a QualityLog, a path or None, got {type(value).__name__}")
+        raise TypeError(
+            f"quality_log must be a QualityLog, a path, a postgresql:// URL or None, got {type(value).__name__}"
+        )
 
     def write(self, record: QualityRecord) -> None:
         """Appends one record; it is on disk when this returns."""
@@ -322,8 +456,12 @@ class QualityLog:
         for record in records:
             if not isinstance(record, QualityRecord):
                 raise TypeError(f"a QualityLog holds QualityRecords, got {type(record).__name__}")
-        if records:
+        if not records:
+            return
+        if self.sink == "jsonl":
             self._store.append(records)
+            return
+        self._store.append([_record_row(record) for record in records])
 
     def read(
         self,
@@ -341,8 +479,47 @@ class QualityLog:
             raise ValueError(f"arm must be one of {ARMS} or None, got {arm!r}")
         start = None if since is None else _as_utc_text("since", since)
         end = None if until is None else _as_utc_text("until", until)
-        records, self.skipped_lines = self._store.load(run_id, arm, start, end)
-        return records
+        if self.sink == "jsonl":
+            records, self.skipped_lines = self._store.load(lambda record: _matches(record, run_id, arm, start, end))
+            return records
+        return _parse_rows(self._store.load(run_id, arm, start, end), QualityRecord.from_json, self.location)
+
+    def add_feedback(
+        self, record_id: str, score: float | bool | str, *, source: str = "user", comment: str | None = None
+    ) -> Feedback:
+        """Appends a user's verdict on a logged image and returns it; durable when this returns.
+
+        Args:
+            record_id (`str`): the record judged; one not in the log raises `UnknownRecordError`
+                (a KeyError) naming it.
+            score (`float`, `bool` or `str`): a rating in [0, 1] (1 = liked), or thumbs
+                ``"up"``/``"down"`` (``True``/``False``), stored as 1.0/0.0.
+            source (`str`, defaults to `"user"`), comment (`str`, *optional*): see :class:`Feedback`.
+
+        Append-only: a second verdict on a record is a second row, never an overwrite.
+        """
+        feedback = Feedback(record_id=record_id, score=score, source=source, comment=comment)
+        if self.sink == "jsonl":
+            if not any(record.record_id == record_id for record in self.read()):
+                raise UnknownRecordError(f"record_id {record_id!r} is not in quality log {self.location}")
+            self._feedback.append([feedback])
+            return feedback
+        row = {"feedback_id": feedback.feedback_id, "record_id": record_id, "created_at": feedback.created_at,
+               "schema_version": feedback.schema_version, "data": feedback.to_json()}
+        try:
+            self._store.append_feedback(row)
+        except KeyError:
+            raise UnknownRecordError(f"record_id {record_id!r} is not in quality log {self.location}") from None
+        return feedback
+
+    def feedback(self, record_ids: Iterable[str] | None = None) -> list[Feedback]:
+        """The feedback in write order, optionally only on these records."""
+        wanted = None if record_ids is None else set(record_ids)
+        if self.sink == "jsonl":
+            items, _ = self._feedback.load(lambda item: wanted is None or item.record_id in wanted)
+            return items
+        rows = self._store.load_feedback(None if wanted is None else sorted(wanted))
+        return _parse_rows(rows, lambda data: Feedback.from_dict(json.loads(data)), self.location)
 
     def summary(self, run_id: str | None = None) -> dict[str, dict[str, Any]]:
         """Per-arm statistics of the log (or of one run), for comparing the arms.
@@ -364,14 +541,27 @@ class QualityLog:
         - ``improved_share``: among records with decision ``"refined"`` and all four scores, the
           share with ``p_after + a_after > p_before + a_before`` (strictly); None when there are none.
 
-        Means and shares are None for an empty arm.
+        Means and shares are None for an empty arm. :meth:`compare` adds intervals and feedback.
         """
         records = self.read(run_id=run_id)
         return {arm: _arm_summary([record for record in records if record.arm == arm]) for arm in ARMS}
 
+    def compare(
+        self, run_id: str | None = None, *, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0
+    ) -> Comparison:
+        """Treatment against control, with bootstrap intervals: see :func:`grefine_hooks.ab_stats.compare_arms`."""
+        from .ab_stats import compare_arms
+
+        # Feedback on records of other runs is ignored by compare_arms.
+        return compare_arms(
+            self.read(run_id=run_id), self.feedback(), confidence=confidence, n_resamples=n_resamples, seed=seed
+        )
+
     def close(self) -> None:
-        """Releases the file / connection; closing twice is fine, writing afterwards is an error."""
+        """Releases the file / connections; closing twice is fine, writing afterwards is an error."""
         self._store.close()
+        if self._feedback is not None:
+            self._feedback.close()
 
     def __enter__(self) -> QualityLog:
         return self
@@ -380,27 +570,43 @@ class QualityLog:
         self.close()
 
     def __repr__(self) -> str:
-        return f"QualityLog({str(self.path)!r}, sink={self.sink!r})"
+        return f"QualityLog({self.location!r}, sink={self.sink!r})"
+
+
+def _record_row(record: QualityRecord) -> dict[str, Any]:
+    """A record as a row of the SQL ``records`` table; serialised (and so validated) first."""
+    data = record.to_json()
+    return {"record_id": record.record_id, "run_id": record.run_id, "arm": record.arm, "created_at": record.created_at,
+            "decision": record.decision, "schema_version": record.schema_version, "data": data}
+
+
+def _parse_rows(rows: list[tuple[int, str]], parse: Callable[[str], Any], location: str) -> list[Any]:
+    items = []
+    for seq, data in rows:
+        try:
+            items.append(parse(data))
+        except ValueError as error:
+            raise ValueError(f"{location}, row {seq}: {error}") from None
+    return items
 
 
 class _JsonlStore:
-    """One record per line, appended with ``O_APPEND``; ``flock`` keeps processes' lines whole."""
+    """One JSON object per line, appended with ``O_APPEND``; ``flock`` keeps processes' lines whole.
 
-    def __init__(self, path: Path):
-        self.path = path
-        existed = path.exists()
-        try:
-            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as error:
-            raise type(error)(error.errno, f"cannot open quality log: {error.strerror}", str(path)) from None
-        # Closed by close() or, for a log nobody closed, when it is garbage-collected.
-        self._closer = weakref.finalize(self, os.close, self._fd)
-        if not existed:
-            _fsync_directory(path.parent)  # the new file's name survives a crash too
+    ``parse`` turns a line's object into a record (or feedback); ``create=False`` leaves the file
+    uncreated until the first append, and reads a missing file as empty.
+    """
+
+    def __init__(self, path: Path, parse: Callable[[Any], Any], create: bool = True):
+        self.path, self._parse = path, parse
         self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._closed = False
+        if create:
+            self._open_fd()
 
-    def append(self, records: list[QualityRecord]) -> None:
-        data = "".join(record.to_json() + "\n" for record in records).encode("utf-8")
+    def append(self, items: list[Any]) -> None:
+        data = "".join(item.to_json() + "\n" for item in items).encode("utf-8")
         with self._lock:
             fd = self._open_fd()
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -422,15 +628,20 @@ class _JsonlStore:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def load(
-        self, run_id: str | None, arm: str | None, since: str | None, until: str | None
-    ) -> tuple[list[QualityRecord], int]:
-        self._open_fd()
-        with open(self.path, "rb") as file:
+    def load(self, keep: Callable[[Any], bool]) -> tuple[list[Any], int]:
+        if self._closed:
+            raise ValueError(f"quality log {self.path} is closed")
+        try:
+            file = open(self.path, "rb")
+        except FileNotFoundError:
+            if self._fd is None:  # not created yet
+                return [], 0
+            raise
+        with file:
             fcntl.flock(file.fileno(), fcntl.LOCK_SH)  # no half-written line from a live writer
             lines = file.read().split(b"\n")
         unterminated = len(lines)  # line number of the text after the last newline, if any
-        records, skipped = [], []
+        items, skipped = [], []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -440,159 +651,36 @@ class _JsonlStore:
                 skipped.append(number)
                 continue
             try:
-                record = QualityRecord.from_dict(values)
+                item = self._parse(values)
             except ValueError as error:
                 raise ValueError(f"{self.path}, line {number}: {error}") from None
-            if _matches(record, run_id, arm, since, until):
-                records.append(record)
+            if keep(item):
+                items.append(item)
         if skipped:
             torn = " (the last, unterminated, from a writer killed mid-write)" if skipped[-1] == unterminated else ""
             logger.warning("%s: skipped %d unreadable line(s), numbers %s%s", self.path, len(skipped), skipped, torn)
-        return records, len(skipped)
+        return items, len(skipped)
 
     def close(self) -> None:
         with self._lock:
-            self._closer()
+            self._closed = True
+            if self._fd is not None:
+                self._closer()
 
     def _open_fd(self) -> int:
-        if not self._closer.alive:
+        if self._closed:
             raise ValueError(f"quality log {self.path} is closed")
+        if self._fd is None:
+            existed = self.path.exists()
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as error:
+                raise type(error)(error.errno, f"cannot open quality log: {error.strerror}", str(self.path)) from None
+            # Closed by close() or, for a log nobody closed, when it is garbage-collected.
+            self._closer = weakref.finalize(self, os.close, self._fd)
+            if not existed:
+                _fsync_directory(self.path.parent)  # the new file's name survives a crash too
         return self._fd
-
-
-class _SqliteStore:
-    """A ``records`` table in WAL mode; each append is one ``BEGIN IMMEDIATE`` transaction.
-
-    ``synchronous=FULL``: WAL with NORMAL survives a killed process but may lose the last commits
-    on power loss, and "on disk when write returns" is the promise. One fsync per record costs
-    little next to generating an image.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        if not os.access(path.parent, os.W_OK | os.X_OK):
-            # WAL mode creates path-wal and path-shm beside the database.
-            raise PermissionError(13, "cannot open quality log: its directory is not writable", str(path))
-        self._lock = threading.Lock()
-        connection = None
-        try:
-            connection = sqlite3.connect(
-                path, timeout=_BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-            )
-            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise OSError(f"cannot open quality log {path}: SQLite refused WAL mode (got {mode!r})")
-            connection.execute("PRAGMA synchronous=FULL")
-            self._create_or_check_schema(connection)
-        except BaseException as error:
-            if connection is not None:
-                connection.close()
-            if isinstance(error, sqlite3.OperationalError):
-                raise OSError(f"cannot open quality log {path}: {error}") from error
-            if isinstance(error, sqlite3.DatabaseError):
-                raise ValueError(f"quality log {path} is not a SQLite database or is corrupted: {error}") from error
-            raise
-        self._connection: sqlite3.Connection | None = connection
-
-    def _create_or_check_schema(self, connection: sqlite3.Connection) -> None:
-        connection.execute("BEGIN IMMEDIATE")  # concurrent openers of a new log take turns
-        try:
-            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not tables:
-                self._create_schema(connection)
-            else:
-                row = None
-                if "meta" in tables:
-                    row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None or "records" not in tables:
-                    raise ValueError(
-                        f"{self.path} is a SQLite database but not a grefine-hooks quality log "
-                        f"(tables {sorted(tables)})"
-                    )
-                try:
-                    _check_schema_version(int(row[0]))
-                except ValueError as error:
-                    raise ValueError(f"quality log {self.path}: {error}") from None
-            connection.execute("COMMIT")
-        finally:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-
-    @staticmethod
-    def _create_schema(connection: sqlite3.Connection) -> None:
-        connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        connection.execute(
-            "CREATE TABLE records ("
-            " seq INTEGER PRIMARY KEY,"
-            " record_id TEXT NOT NULL UNIQUE,"
-            " run_id TEXT NOT NULL,"
-            " arm TEXT NOT NULL,"
-            " created_at TEXT NOT NULL,"
-            " decision TEXT NOT NULL,"
-            " schema_version INTEGER NOT NULL,"
-            " data TEXT NOT NULL)"
-        )
-        for column in ("run_id", "arm", "created_at", "decision"):
-            connection.execute(f"CREATE INDEX records_{column} ON records ({column})")
-
-    def append(self, records: list[QualityRecord]) -> None:
-        rows = []
-        for record in records:
-            data = record.to_json()
-            rows.append(
-                (record.record_id, record.run_id, record.arm, record.created_at, record.decision,
-                 record.schema_version, data)
-            )
-        with self._lock:
-            connection = self._open_connection()
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                connection.executemany(
-                    "INSERT INTO records (record_id, run_id, arm, created_at, decision, schema_version, data)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                connection.execute("COMMIT")
-            except sqlite3.IntegrityError as error:
-                raise ValueError(f"quality log {self.path}: a record_id is already logged ({error})") from None
-            except sqlite3.Error as error:
-                raise OSError(f"cannot write to quality log {self.path}: {error}") from error
-            finally:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-
-    def load(
-        self, run_id: str | None, arm: str | None, since: str | None, until: str | None
-    ) -> tuple[list[QualityRecord], int]:
-        clauses, parameters = [], []
-        bounds = (("run_id = ?", run_id), ("arm = ?", arm), ("created_at >= ?", since), ("created_at < ?", until))
-        for clause, value in bounds:
-            if value is not None:
-                clauses.append(clause)
-                parameters.append(value)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        query = f"SELECT seq, data FROM records{where} ORDER BY seq"
-        with self._lock:
-            rows = self._open_connection().execute(query, parameters).fetchall()
-        records = []
-        for seq, data in rows:
-            try:
-                records.append(QualityRecord.from_json(data))
-            except ValueError as error:
-                raise ValueError(f"{self.path}, row {seq}: {error}") from None
-        return records, 0
-
-    def close(self) -> None:
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-
-    def _open_connection(self) -> sqlite3.Connection:
-        if self._connection is None:
-            raise ValueError(f"quality log {self.path} is closed")
-        return self._connection
 
 
 def _arm_summary(records: list[QualityRecord]) -> dict[str, Any]:
@@ -667,6 +755,21 @@ def _check_schema_version(version: Any) -> None:
             f"schema_version {version} was written by a newer grefine-hooks (this one reads up to "
             f"{SCHEMA_VERSION}); upgrade grefine-hooks to read it"
         )
+
+
+def _check_feedback_version(version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"feedback schema_version must be an integer >= 1, got {version!r}")
+    if version > FEEDBACK_SCHEMA_VERSION:
+        raise ValueError(
+            f"feedback schema_version {version} was written by a newer grefine-hooks (this one reads up to "
+            f"{FEEDBACK_SCHEMA_VERSION}); upgrade grefine-hooks to read it"
+        )
+
+
+def _check_stored_version(key: str, version: int) -> None:
+    """A SQL log's meta versions: ``schema_version`` (records) and ``feedback_schema_version``."""
+    (_check_feedback_version if key.startswith("feedback") else _check_schema_version)(version)
 
 
 def _check_created_at(value: Any) -> None:

@@ -16,14 +16,14 @@ import errno
 import html
 import io
 import os
-import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .records import ARMS, DECISIONS, QualityLog, QualityRecord, resolve_record_path
+from .ab_stats import ARM_ROWS, DIFFERENCE_ROWS, Comparison, format_difference, format_value
+from .records import ARMS, DECISIONS, QualityLog, QualityRecord, is_database_url, resolve_record_path
 
 THUMBNAIL_SIZE = 256
 DEFAULT_MAX_THUMBNAILS = 50
@@ -63,42 +63,46 @@ def write_report(
     run_id: str | None = None,
     max_thumbnails: int = DEFAULT_MAX_THUMBNAILS,
 ) -> Path:
-    """Renders the log at ``log_path`` (optionally one run) and writes the HTML to ``out_path``.
+    """Renders the log at ``log_path`` (a file or a ``postgresql://`` URL; optionally one run) into ``out_path``.
 
     Raises FileNotFoundError when the log or the output's directory does not exist, ValueError
-    for a log that is not a readable quality log or bad arguments, and other OSErrors as raised.
-    The log is checked before opening, since opening a missing log would create an empty one.
+    for a log that is not a readable quality log or bad arguments, and other OSErrors as raised
+    (a database server that cannot be reached). A log file is checked before opening, since
+    opening a missing log would create an empty one.
     """
-    log_path, out_path = Path(log_path), Path(out_path)
-    if not log_path.exists():
+    url = is_database_url(log_path)
+    log_path, out_path = (log_path if url else Path(log_path)), Path(out_path)
+    if not url and not log_path.exists():
         raise FileNotFoundError(errno.ENOENT, "quality log does not exist", str(log_path))
     if not out_path.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "the output's directory does not exist", str(out_path.parent))
     if out_path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "out is a directory, not a file", str(out_path))
-    if out_path.exists() and out_path.resolve() == log_path.resolve():
+    if not url and out_path.exists() and out_path.resolve() == log_path.resolve():
         raise ValueError(f"out {str(out_path)!r} is the quality log itself; choose another file")
     with QualityLog(log_path) as log:
-        try:
-            page = render_report(log, run_id=run_id, max_thumbnails=max_thumbnails)
-        except sqlite3.Error as error:  # a database whose header is fine but whose pages are not
-            raise ValueError(f"quality log {str(log_path)!r} is corrupted: {error}") from error
+        page = render_report(log, run_id=run_id, max_thumbnails=max_thumbnails)
     out_path.write_text(page, encoding="utf-8")
     return out_path
 
 
 def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS) -> str:
-    """The report of an open log as one HTML document; relative image paths are read from the log's directory."""
+    """The report of an open log as one HTML document; relative image paths are read from the log's directory.
+
+    The comparison table shows :meth:`QualityLog.compare`'s numbers as they are (seed 0), so the
+    report and ``grefine ab`` never disagree.
+    """
     if isinstance(max_thumbnails, bool) or not isinstance(max_thumbnails, int) or max_thumbnails < 0:
         raise ValueError(f"max_thumbnails must be an integer >= 0, got {max_thumbnails!r}")
     records = log.read(run_id=run_id)
     skipped_lines = log.skipped_lines
     if not records and skipped_lines:
         raise ValueError(
-            f"quality log {str(log.path)!r} holds no readable record ({skipped_lines} unreadable line(s)): "
+            f"quality log {log.location!r} holds no readable record ({skipped_lines} unreadable line(s)): "
             "it is corrupted or not a quality log"
         )
     summary = log.summary(run_id=run_id)
+    comparison = log.compare(run_id=run_id)
     compared = [record for record in records if record.decision in _COMPARED]
     failed = [record for record in records if record.decision == "failed"]
     scope = f"run {run_id!r}" if run_id is not None else f"{len({record.run_id for record in records})} run(s)"
@@ -106,10 +110,10 @@ def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>G-Refine quality report: {_text(log.path.name)}</title>",
+        f"<title>G-Refine quality report: {_text(log.path.name if log.path is not None else log.location)}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>G-Refine quality report</h1>",
-        f'<p class="meta">Log <code>{_text(log.path)}</code> &middot; {_text(scope)} &middot; '
+        f'<p class="meta">Log <code>{_text(log.location)}</code> &middot; {_text(scope)} &middot; '
         f"{len(records)} record(s) &middot; generated {_text(_now())}</p>",
     ]
     if skipped_lines:
@@ -118,6 +122,7 @@ def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails:
         missing = f"for run {run_id!r}" if run_id is not None else "at all"
         parts.append(f'<p class="warning" id="no-records">The log holds no records {_text(missing)}.</p>')
     parts += ["<h2>Arms</h2>", _summary_table(summary)]
+    parts += ["<h2>Treatment vs control</h2>", _comparison_section(comparison)]
     parts += ["<h2>Scores before and after refinement</h2>", _scatter_section(compared)]
     parts += ["<h2>Refined and reverted images</h2>", _cards_section(compared, log.path, max_thumbnails)]
     if failed:
@@ -155,6 +160,35 @@ def _summary_table(summary: dict[str, dict[str, Any]]) -> str:
         "images (what the refiner produced); &ldquo;final&rdquo; is the score of the image the caller got. "
         "Refine rate: share of records refinement ran on (refined, reverted or failed). Improved: share of "
         "kept refinements whose p + a rose. Added seconds: scoring and refinement on top of generation.</p>"
+    )
+
+
+def _comparison_section(comparison: Comparison) -> str:
+    """Per-arm numbers (feedback included), each difference with its interval, and the verdict."""
+    arm_rows = "".join(
+        f'<tr data-row="{_text(name)}"><td>{_text(label)}</td>'
+        + "".join(f"<td>{_text(format_value(form, getattr(comparison.arms[arm], name)))}</td>" for arm in ARMS)
+        + "</tr>"
+        for label, name, form in ARM_ROWS
+    )
+    difference_rows = []
+    for metric, (label, form) in DIFFERENCE_ROWS.items():
+        estimate, interval = format_difference(comparison.differences[metric], form)
+        difference_rows.append(
+            f'<tr data-metric="{_text(metric)}"><td>{_text(label)}</td><td>{_text(estimate)}</td>'
+            f"<td>{_text(interval)}</td></tr>"
+        )
+    level = f"{100 * comparison.confidence:g}%"
+    return (
+        '<table id="comparison-arms"><thead><tr><th></th>'
+        + "".join(f"<th>{_text(arm)}</th>" for arm in ARMS)
+        + f"</tr></thead><tbody>{arm_rows}</tbody></table>"
+        f'<table id="comparison-differences"><thead><tr><th>treatment &minus; control</th><th>difference</th>'
+        f"<th>{_text(level)} interval</th></tr></thead><tbody>{''.join(difference_rows)}</tbody></table>"
+        f'<p id="verdict"><strong>{_text(comparison.verdict)}</strong></p>'
+        f'<p class="note">Bootstrap intervals (BCa, {comparison.n_resamples} resamples, seed {comparison.seed}), '
+        "the arms resampled independently; feedback is averaged per image first, then over images. "
+        "The same numbers as <code>grefine ab</code>.</p>"
     )
 
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# tests/postgres_server.py is a helper module, imported by the fixture below.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,3 +37,25 @@ def scorer(tiny_clip_parts):
 
     model, preprocess, tokenizer = tiny_clip_parts
     return QualityScorer(model=model, preprocess=preprocess, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (see tests/postgres_server.py); skips only without its binaries.
+
+    The driver is no reason to skip: ``.[test]`` installs psycopg, so its absence is an error.
+    """
+    from postgres_server import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+    server = PostgresServer(bin_dir)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's server: its postgresql:// URL, password included."""
+    return postgres_server.create_database()

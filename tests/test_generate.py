@@ -297,3 +297,19 @@ def test_record_paths_are_relative_inside_the_log_directory(tmp_path):
     assert record_path(tmp_path / "images" / "a.png", log) == "images/a.png"
     assert record_path(tmp_path.parent / "b.png", log) == str((tmp_path.parent / "b.png").resolve())
     assert resolve_record_path("images/a.png", log) == tmp_path / "images" / "a.png"
+
+
+def test_generate_logs_to_postgresql_with_absolute_paths_and_resumes(tmp_path, postgres_url, capsys):
+    """``--log postgresql://...``: a server has no directory, so image paths are absolute; reruns resume."""
+    argv = _args(_prompts_file(tmp_path, PROMPTS[:2]), tmp_path / "out", "--log", postgres_url, "--run-id", RUN_ID)
+    assert main(argv) == 0
+    records = _records(postgres_url)
+    assert len(records) == 2 and not (tmp_path / "out" / "quality.sqlite").exists()
+    for record in records:
+        assert Path(record.image_path).is_absolute() and Path(record.image_path).is_file()
+        assert all(Path(path).is_absolute() for path in record.map_paths.values())
+    printed = capsys.readouterr().out
+    assert "***" in printed and postgres_url.split(":")[2].split("@")[0] not in printed  # no password
+    assert main(argv) == 0
+    assert "generated 0 prompt(s)" in capsys.readouterr().out and len(_records(postgres_url)) == 2
+    assert record_path(tmp_path / "a.png", None) == str((tmp_path / "a.png").resolve())

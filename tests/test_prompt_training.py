@@ -339,3 +339,105 @@ def test_cli_trains_then_scores_with_the_file(rated, tiny_clip_parts, tmp_path, 
     assert main(["train-prompts", "--ratings", str(rated["ratings"]), "--images", str(tmp_path / "nowhere"),
                  "--out", str(out), *clip]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+# --- from a quality log's feedback ----------------------------------------------------------------
+
+
+def _rated_log(rated, path: Path, run_id: str = "app") -> list:
+    """Records pointing at the rated images (CSV order) whose feedback averages to (mos - 1) / 4:
+    the same ratings on the feedback scale, two users per image."""
+    from grefine_hooks.records import QualityLog, QualityRecord
+
+    records = []
+    with QualityLog(path) as log:
+        for index, row in enumerate(rated["rows"]):
+            record = QualityRecord(run_id=run_id, pipeline_class="P", image_index=index, arm="control",
+                                   decision="skipped", reason="test", image_path=str(rated["dir"] / row[0]))
+            log.write(record)
+            score, spread = (row[1] - 1) / 4, min(row[1] - 1, 5 - row[1]) / 8  # two verdicts around it
+            log.add_feedback(record.record_id, score + spread)
+            log.add_feedback(record.record_id, score - spread)
+            records.append(record)
+        # A record without feedback is not training data.
+        unrated = str(rated["dir"] / rated["rows"][0][0])
+        log.write(QualityRecord(run_id=run_id, pipeline_class="P", image_index=999, arm="control",
+                                decision="skipped", reason="unrated", image_path=unrated))
+    return records
+
+
+def test_training_from_log_feedback_learns_what_the_ratings_file_teaches(rated, tiny_clip_parts, tmp_path):
+    """Feedback of (mos - 1) / 4 is the CSV's MOS on another scale: after min-max, the same targets."""
+    from grefine_hooks.records import QualityLog
+    from grefine_hooks.scoring.prompt_training import read_log_ratings
+
+    path = tmp_path / "quality.sqlite"
+    _rated_log(rated, path)
+    with QualityLog(path) as log:
+        data = read_log_ratings(log)
+    assert len(data.paths) == len(rated["rows"]) and data.skipped == []
+    from_csv = _train(rated, tiny_clip_parts, tmp_path / "csv.safetensors")
+    from_log = _train(rated, tiny_clip_parts, tmp_path / "log.safetensors", ratings=data)
+    a, b = load_file(str(from_csv.path)), load_file(str(from_log.path))
+    assert all(torch.allclose(a[key], b[key], atol=1e-5) for key in a if key.endswith("ctx"))
+    assert from_log.n_train == from_csv.n_train and from_log.srcc_after == pytest.approx(from_csv.srcc_after, abs=1e-4)
+
+
+def test_cli_trains_from_a_log(rated, tiny_clip_parts, tmp_path, capsys):
+    clip_dir = save_tiny_clip(tiny_clip_parts[0], tmp_path / "clip")
+    path = tmp_path / "quality.jsonl"
+    _rated_log(rated, path)
+    out = tmp_path / "prompts.safetensors"
+    clip = ["--clip", f"local-dir:{clip_dir}", "--device", "cpu"]
+    code = main(["train-prompts", "--from-log", str(path), "--out", str(out), "--epochs", "2", *clip])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"trained on {len(rated['rows']) - round(0.2 * len(rated['rows']))} images" in printed
+    assert load_learned_prompts(out).trained_for == (f"local-dir:{clip_dir}", "openai")
+    assert main(["train-prompts", "--from-log", str(path), "--run-id", "other", "--out", str(out), *clip]) == 2
+    assert "no feedback" in capsys.readouterr().err
+    assert main(["train-prompts", "--from-log", str(path), "--ratings", str(rated["ratings"]), "--out", str(out),
+                 *clip]) == 2
+    assert "either --ratings" in capsys.readouterr().err
+    assert main(["train-prompts", "--from-log", str(tmp_path / "none.jsonl"), "--out", str(out), *clip]) == 2
+    assert "none.jsonl" in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()
+
+
+def test_log_images_missing_on_disk_are_named_or_skipped(rated, tmp_path):
+    from grefine_hooks.records import QualityLog, QualityRecord
+    from grefine_hooks.scoring.prompt_training import read_log_ratings
+
+    path = tmp_path / "quality.jsonl"
+    records = _rated_log(rated, path)
+    gone = str(rated["dir"] / "gone.png")
+    with QualityLog(path) as log:
+        record = QualityRecord(run_id="app", pipeline_class="P", image_index=1000, arm="control",
+                               decision="skipped", reason="test", image_path=gone)
+        log.write(record)
+        log.add_feedback(record.record_id, 0.5)
+        with pytest.raises(FileNotFoundError, match="gone.png"):
+            read_log_ratings(log)
+        data = read_log_ratings(log, missing="skip")
+    assert data.skipped == [gone] and len(data.paths) == len(records)
+
+
+def test_too_few_rated_images_or_one_verdict_for_all(rated, tmp_path):
+    from grefine_hooks.records import QualityLog, QualityRecord
+    from grefine_hooks.scoring.prompt_training import MIN_IMAGES, read_log_ratings
+
+    with QualityLog(tmp_path / "quality.sqlite") as log:
+        records = []
+        for index, row in enumerate(rated["rows"][:MIN_IMAGES]):
+            records.append(QualityRecord(run_id="app", pipeline_class="P", image_index=index, arm="control",
+                                         decision="skipped", reason="test", image_path=str(rated["dir"] / row[0])))
+        log.write_many(records)
+        for record in records[:3]:
+            log.add_feedback(record.record_id, "up")
+        with pytest.raises(ValueError, match="same mean feedback"):
+            read_log_ratings(log)
+        log.add_feedback(records[2].record_id, "down")
+        with pytest.raises(ValueError, match=f"3 usable rated image.*at least {MIN_IMAGES}"):
+            read_log_ratings(log)
+        for record in records[3:]:
+            log.add_feedback(record.record_id, 0.5)
+        assert len(read_log_ratings(log).paths) == MIN_IMAGES

@@ -1,7 +1,8 @@
 """Quality records and the A/B log: every field round-trips, the split is stable, nothing logged is lost.
 
-Writers in other processes run ``python -c CHILD`` and load ``records.py`` by its path: importing the
-``grefine_hooks`` package would import torch (seconds per process) for a stdlib-only module.
+The sink contract tests run for every sink: JSONL, SQLite and a real PostgreSQL server (the
+``postgres_url`` fixture). Writers in other processes run ``python -c CHILD``, which imports
+``grefine_hooks.records`` only (the package's top level is lazy: no torch).
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ from grefine_hooks import records
 from grefine_hooks.records import SCHEMA_VERSION, QualityLog, QualityRecord, assign_arm
 
 SUFFIXES = ["jsonl", "sqlite"]
+SINKS = [*SUFFIXES, "postgresql"]
 
 CHILD = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("grefine_records", sys.argv[1])
-records = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = records
-spec.loader.exec_module(records)
-log_path, run_id, count = sys.argv[2], sys.argv[3], int(sys.argv[4])
+import sys
+from grefine_hooks import records
+log_path, run_id, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.stdin.readline()  # the parent's go: start together with the other writers
 with records.QualityLog(log_path) as log:
     for index in range(count):
@@ -104,8 +103,8 @@ def start_writer():
     they printed); any still running when the test ends, e.g. after a failure, is killed."""
     children: list[subprocess.Popen] = []
 
-    def start(path: Path, run_id: str, count: int) -> subprocess.Popen:
-        command = [sys.executable, "-c", CHILD, records.__file__, str(path), run_id, str(count)]
+    def start(path: Path | str, run_id: str, count: int) -> subprocess.Popen:
+        command = [sys.executable, "-c", CHILD, str(path), run_id, str(count)]
         children.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0))
         return children[-1]
 
@@ -117,6 +116,19 @@ def start_writer():
         for stream in (child.stdin, child.stdout):
             if not stream.closed:
                 stream.close()
+
+
+@pytest.fixture(params=SINKS)
+def sink(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def location(sink, tmp_path, request) -> Path | str:
+    """A new log of the sink: a file in tmp_path, or an empty database on the test server."""
+    if sink == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return tmp_path / f"quality.{sink}"
 
 
 def go(child: subprocess.Popen) -> None:
@@ -159,17 +171,16 @@ def test_defaults_are_fresh_and_well_formed():
     assert first.request_id is None and first.replica is None
 
 
-def test_version_1_records_read_back_without_the_service_fields(tmp_path):
-    """A log written before request_id/replica existed stays readable, in both sinks."""
+def test_version_1_records_read_back_without_the_service_fields(location):
+    """A log written before request_id/replica existed stays readable, in every sink."""
     values = make_record().to_dict()
     del values["request_id"], values["replica"]
     values["schema_version"] = 1
     old = QualityRecord.from_dict(values)
     assert old.schema_version == 1 and old.request_id is None and old.replica is None
-    for suffix in SUFFIXES:
-        with QualityLog(tmp_path / f"v1.{suffix}") as log:
-            log.write(old)
-            assert log.read() == [old]
+    with QualityLog(location) as log:
+        log.write(old)
+        assert log.read() == [old]
 
 
 def test_added_seconds_sums_only_the_refiners_timings():
@@ -289,9 +300,8 @@ def test_invalid_split_is_rejected(split):
 # --- QualityLog: formats, round trip, schema ------------------------------------------------------
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_every_field_round_trips_through_the_log(tmp_path, suffix):
-    path = tmp_path / f"quality.{suffix}"
+def test_every_field_round_trips_through_the_log(location, sink):
+    path = location
     record = full_record()
     with QualityLog(path) as log:
         log.write(record)
@@ -320,9 +330,8 @@ def test_unknown_suffix_or_sink_lists_the_choices(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_reopening_keeps_what_was_logged(tmp_path, suffix):
-    path = tmp_path / f"quality.{suffix}"
+def test_reopening_keeps_what_was_logged(location, sink):
+    path = location
     with QualityLog(path) as log:
         log.write_many([make_record(image_index=0), make_record(image_index=1)])
     with QualityLog(path) as log:
@@ -354,11 +363,10 @@ def test_newer_schema_line_in_jsonl_is_refused_on_read(tmp_path):
             log.read()
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_read_filters(tmp_path, suffix):
+def test_read_filters(location, sink):
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     stamps = [(start + timedelta(minutes=minute)).isoformat(timespec="microseconds") for minute in range(4)]
-    with QualityLog(tmp_path / f"quality.{suffix}") as log:
+    with QualityLog(location) as log:
         log.write_many([
             make_record(run_id="a", created_at=stamps[0]),
             make_record(run_id="a", created_at=stamps[1], arm="treatment", decision="refined"),
@@ -401,9 +409,8 @@ def summary_records() -> list[QualityRecord]:
     ]
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_summary_by_hand(tmp_path, suffix):
-    with QualityLog(tmp_path / f"quality.{suffix}") as log:
+def test_summary_by_hand(location, sink):
+    with QualityLog(location) as log:
         log.write_many(summary_records())
         summary = log.summary(run_id="run-a")
         assert log.summary()["treatment"]["count"] == 7  # run-b counts without the filter
@@ -551,11 +558,10 @@ def test_foreign_sqlite_database_is_refused_untouched(tmp_path):
     connection.close()
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_a_record_edited_into_nonsense_is_not_written(tmp_path, suffix):
+def test_a_record_edited_into_nonsense_is_not_written(location, sink):
     record = make_record(arm="treatment", decision="refined")
     record.p_after = 1.5
-    with QualityLog(tmp_path / f"quality.{suffix}") as log:
+    with QualityLog(location) as log:
         with pytest.raises(ValueError, match="p_after"):
             log.write_many([make_record(), record])  # all or nothing
         with pytest.raises(TypeError, match="QualityRecord"):
@@ -563,9 +569,8 @@ def test_a_record_edited_into_nonsense_is_not_written(tmp_path, suffix):
         assert log.read() == []
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_closed_log_refuses_io(tmp_path, suffix):
-    log = QualityLog(tmp_path / f"quality.{suffix}")
+def test_closed_log_refuses_io(location, sink):
+    log = QualityLog(location)
     log.close()
     log.close()
     with pytest.raises(ValueError, match="closed"):
@@ -597,9 +602,8 @@ def test_coerce(tmp_path):
 # --- QualityLog: durability and concurrency -------------------------------------------------------
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_every_acknowledged_record_survives_sigkill(tmp_path, suffix, start_writer):
-    path = tmp_path / f"quality.{suffix}"
+def test_every_acknowledged_record_survives_sigkill(location, sink, start_writer):
+    path = location
     child = start_writer(path, "killed", 1000)
     # A one-page pipe keeps the child at most ~120 ids ahead of the parent, so the kill lands midway.
     fcntl.fcntl(child.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
@@ -619,17 +623,16 @@ def test_every_acknowledged_record_survives_sigkill(tmp_path, suffix, start_writ
         assert len(set(logged)) == len(logged)
         log.write(make_record())  # the log takes writes after the crash
         assert len(log.read()) == len(logged) + 1
-    if suffix == "jsonl":
+    if sink == "jsonl":
         check_jsonl_lines(path)
-    else:
+    elif sink == "sqlite":
         connection = sqlite3.connect(path)
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         connection.close()
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_eight_threads_share_one_log(tmp_path, suffix):
-    path = tmp_path / f"quality.{suffix}"
+def test_eight_threads_share_one_log(location, sink):
+    path = location
     barrier = threading.Barrier(8)
 
     def write(thread: int) -> list[str]:
@@ -649,14 +652,13 @@ def test_eight_threads_share_one_log(tmp_path, suffix):
     assert len(logged) == 1000 and {record.record_id for record in logged} == set(written)
     for thread in range(8):  # each thread's records in its own write order
         assert [r.image_index for r in logged if r.run_id == f"thread-{thread}"] == list(range(125))
-    if suffix == "jsonl":
+    if sink == "jsonl":
         check_jsonl_lines(path)
         assert path.read_bytes().count(b"\n") == 1000
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_four_processes_share_one_path_and_stay_readable(tmp_path, suffix, start_writer):
-    path = tmp_path / f"quality.{suffix}"
+def test_four_processes_share_one_path_and_stay_readable(location, sink, start_writer):
+    path = location
     children = [start_writer(path, f"process-{number}", 250) for number in range(4)]
     for child in children:
         go(child)
@@ -679,6 +681,6 @@ def test_four_processes_share_one_path_and_stay_readable(tmp_path, suffix, start
     assert {record.record_id for record in logged} == set(printed)
     for number in range(4):
         assert [r.image_index for r in logged if r.run_id == f"process-{number}"] == list(range(250))
-    if suffix == "jsonl":
+    if sink == "jsonl":
         check_jsonl_lines(path)
         assert path.read_bytes().count(b"\n") == 1000

@@ -235,6 +235,58 @@ def read_ratings(
     return RatedImages(kept, [images / name for name in kept], targets[found], absent, digest.hexdigest())
 
 
+def read_log_ratings(log, run_id: str | None = None, missing: str = "error") -> RatedImages:
+    """The images a quality log points at, rated by their feedback: an app's own ratings as MOS.
+
+    Each record with feedback and an ``image_path`` is one rated image; its MOS is the mean of its
+    feedback scores (thumbs are 1/0, ratings in [0, 1]), min-max normalised over the images like
+    a ratings file's column. Records without feedback are left out.
+
+    Args:
+        log (`QualityLog`): an open log (any sink); relative image paths resolve against its directory.
+        run_id (`str`, *optional*): only this run's records.
+        missing (`str`, defaults to `"error"`): as in :func:`read_ratings`, for images not on disk.
+    """
+    from ..records import resolve_record_path
+
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
+    records = [record for record in log.read(run_id=run_id) if record.image_path is not None]
+    scores: dict[str, list[float]] = {}
+    for item in log.feedback():
+        scores.setdefault(item.record_id, []).append(item.score)
+    rated = [record for record in records if record.record_id in scores]
+    if not rated:
+        raise ValueError(f"quality log {log.location} has no feedback on a record with an image; nothing to learn from")
+    mos = torch.tensor([sum(scores[r.record_id]) / len(scores[r.record_id]) for r in rated], dtype=torch.float64)
+    if mos.min() == mos.max():
+        raise ValueError(
+            f"quality log {log.location}: every rated image has the same mean feedback, nothing to learn from"
+        )
+    targets = torch.full((len(rated), len(FACTORS)), math.nan)
+    targets[:, 0] = minmax(mos, dim=0).float()
+    paths = [resolve_record_path(record.image_path, log.path) for record in rated]
+    present = [path.is_file() for path in paths]
+    found = [index for index, here in enumerate(present) if here]
+    absent = [str(path) for path, here in zip(paths, present) if not here]
+    if absent and missing == "error":
+        listed = ", ".join(repr(name) for name in absent[:5]) + (" ..." if len(absent) > 5 else "")
+        raise FileNotFoundError(
+            f"{len(absent)} rated image(s) of quality log {log.location} are not on disk: {listed}; "
+            "pass missing='skip' (--missing skip) to leave them out"
+        )
+    if len(found) < MIN_IMAGES:
+        raise ValueError(
+            f"quality log {log.location} has {len(found)} usable rated image(s); at least {MIN_IMAGES} are needed"
+        )
+    digest = hashlib.sha256(b"quality-log")
+    for index in found:
+        digest.update(json.dumps([rated[index].record_id, float(mos[index])]).encode())
+        digest.update(paths[index].read_bytes())
+    names = [rated[index].image_path for index in found]
+    return RatedImages(names, [paths[index] for index in found], targets[found], absent, digest.hexdigest())
+
+
 def _load_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(path.read_bytes())) as image:
@@ -342,8 +394,8 @@ def _resolve_init(
 
 
 def train_quality_prompts(
-    ratings: str | Path,
-    images: str | Path,
+    ratings: str | Path | RatedImages,
+    images: str | Path | None,
     out: str | Path,
     *,
     clip: str | None = None,
@@ -381,9 +433,11 @@ def train_quality_prompts(
     file's rating range.
 
     Args:
-        ratings (`str` or `Path`): CSV with ``image,mos`` and optionally ``technical``,
-            ``rationality``, ``naturalness``; see :func:`read_ratings` for the normalisation.
-        images (`str` or `Path`): the directory the ``image`` paths are relative to.
+        ratings (`str`, `Path` or `RatedImages`): CSV with ``image,mos`` and optionally ``technical``,
+            ``rationality``, ``naturalness``; see :func:`read_ratings` for the normalisation. Or
+            images already read, e.g. :func:`read_log_ratings` of a quality log's feedback.
+        images (`str` or `Path`): the directory the ``image`` paths are relative to (None with
+            `RatedImages`).
         out (`str` or `Path`): the safetensors file to write (parent directories are created).
         clip, pretrained (`str`, *optional*): the open_clip model name and weights tag to load,
             defaulting to ``"ViT-B-16"`` / ``"openai"``. With ``model``, both are required: they
@@ -419,7 +473,7 @@ def train_quality_prompts(
     if out.is_dir():
         raise ValueError(f"out {str(out)!r} is a directory; give a .safetensors file path")
 
-    data = read_ratings(ratings, images, missing, use_factors)
+    data = ratings if isinstance(ratings, RatedImages) else read_ratings(ratings, images, missing, use_factors)
     supervised = data.factor_columns
     factor_indices = [FACTORS.index(name) for name in supervised]
     generator = torch.Generator().manual_seed(seed)
