@@ -234,3 +234,28 @@ def test_before_the_model_is_loaded_requests_get_503_and_readyz_says_loading(tmp
         server.should_exit = True
         thread.join(30)
         service.close()
+
+
+def test_users_feedback_on_an_image_reaches_the_quality_log(server, client):
+    record_id = client.images.generate(prompt="a teddy bear", size="64x64").data[0].model_extra["grefine"]["record_id"]
+    url = f"{server.url}/v1/quality/feedback"
+    for score in ("up", 0.25):
+        response = httpx.post(url, json={"record_id": record_id, "score": score, "comment": "nice"}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["record_id"] == record_id and response.json()["object"] == "quality.feedback"
+    assert [f.score for f in QualityLog(server.log).feedback([record_id])] == [1.0, 0.25]
+
+    cases = [
+        ({"record_id": "0" * 32, "score": "up"}, 404, "record_id", "record_not_found"),
+        ({"record_id": record_id, "score": 2}, 400, "score", "invalid_value"),
+        ({"record_id": record_id, "score": "meh"}, 400, "score", None),
+        ({"score": "up"}, 400, "record_id", "missing_required_parameter"),
+        ({"record_id": record_id, "score": "up", "stars": 5}, 400, "stars", "unknown_parameter"),
+    ]
+    for body, status, param, code in cases:
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["error"]["param"] == param
+        if code is not None:
+            assert response.json()["error"]["code"] == code
+    assert len(QualityLog(server.log).feedback([record_id])) == 2  # refusals wrote nothing

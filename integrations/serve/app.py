@@ -3,6 +3,7 @@
 Routes:
     ``POST /v1/images/generations``   OpenAI-compatible generation (+ ``grefine`` extensions)
     ``GET  /v1/images/files/{name}``  images of ``response_format="url"`` responses
+    ``POST /v1/quality/feedback``     a user's verdict on an image, into the A/B log
     ``GET  /v1/models``, ``/v1/models/{id}``
     ``GET  /healthz``  the process answers;  ``GET /readyz``  model loaded and worker running
     ``GET  /metrics``  Prometheus;  ``GET /``  the web page
@@ -28,7 +29,7 @@ from grefine_hooks.visualize import overlay
 
 from .encoding import ImageStore, b64, encode
 from .errors import ServiceError, invalid
-from .schemas import ImageGenerationBody, image_request, parse_json, validate
+from .schemas import FeedbackBody, ImageGenerationBody, image_request, parse_json, validate
 from .service import ImageResult, ImageService, Ticket
 
 #: Largest request body accepted (a prompt of 10,000 characters is far below it).
@@ -105,6 +106,14 @@ def create_app(
              "size": f"{result.width}x{result.height}"},
             headers={"x-request-id": request_id},
         )
+
+    @app.post("/v1/quality/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        body = validate(FeedbackBody, parse_json(await _read_body(request)))
+        item = await run_in_threadpool(
+            current().add_feedback, body.record_id, body.score, source=body.source, comment=body.comment
+        )
+        return JSONResponse({"object": "quality.feedback", **item.to_dict()})
 
     @app.get("/v1/images/files/{name}")
     async def image_file(name: str) -> Response:

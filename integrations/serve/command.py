@@ -11,7 +11,6 @@ import logging
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from .loader import ModelSettings
 
@@ -44,8 +43,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     service = serve.add_argument_group("service")
     service.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     service.add_argument("--port", type=int, default=8000)
-    service.add_argument("--log", default="quality.sqlite", metavar="FILE",
-                         help="quality log every image's record goes to (default quality.sqlite)")
+    service.add_argument("--log", default="quality.sqlite", metavar="FILE|URL",
+                         help="quality log every image's record goes to: .jsonl, .sqlite or postgresql:// "
+                              "(default quality.sqlite)")
     service.add_argument("--run-id", help="A/B run id of the records (default serve-<model>; share it across replicas)")
     service.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
     service.add_argument("--max-batch", type=int, default=4, help="images per pipeline call")
@@ -65,18 +65,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     ray.add_argument("--autoscaling", metavar="JSON",
                      help="Ray's autoscaling_config, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
     serve.set_defaults(run=run)
-
-
-def redact(location: str) -> str:
-    """A log location fit to print: a URL's password replaced by ``***``."""
-    if "://" not in location:
-        return location
-    parts = urlsplit(location)
-    if parts.password is None:
-        return location
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def model_settings(args: argparse.Namespace) -> ModelSettings:
@@ -139,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         failed.append(error)
         server.should_exit = True
 
-    print(f"grefine serve: loading {settings.label}; records go to {redact(args.log)}", file=sys.stderr, flush=True)
+    print(f"grefine serve: loading {settings.label}; records go to {service.quality_log.location}",
+          file=sys.stderr, flush=True)
     service.start(on_load_error=on_load_error)
     # uvicorn re-raises SIGTERM/SIGINT once its own shutdown is done, under the handlers it found;
     # the service still drains and flushes after that, so those handlers do nothing.
@@ -175,7 +164,11 @@ def run_ray(args: argparse.Namespace) -> int:
         raise ValueError(f"--autoscaling must be a JSON object: {error}") from None
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    from grefine_hooks import QualityLog
+
     settings, config = model_settings(args), service_config(args)
+    with QualityLog(args.log) as log:  # opens (and checks) the log here, where its errors are read
+        location = log.location
     app = build_app(settings, config, log=args.log, replicas=args.replicas, num_gpus=args.num_gpus,
                     num_cpus=args.num_cpus, autoscaling=autoscaling)
     stop = threading.Event()
@@ -185,7 +178,7 @@ def run_ray(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         print(f"grefine serve --ray: loading {settings.label} on {args.replicas if autoscaling is None else 'autoscaled'} "
-              f"replica(s); records go to {redact(args.log)}", file=sys.stderr, flush=True)
+              f"replica(s); records go to {location}", file=sys.stderr, flush=True)
         serve.run(app, name="grefine", route_prefix="/")
         print(f"grefine serve --ray: ready on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         stop.wait()

@@ -80,7 +80,7 @@ def validate(model: type[BaseModel], values: Any) -> BaseModel:
         return model.model_validate(values)
     except ValidationError as error:
         first = error.errors()[0]
-        location = [str(part) for part in first["loc"] if not isinstance(part, int) or part >= 0]
+        location = [str(part) for part in first["loc"] if not _union_member(part)]
         param = ".".join(location) or None
         kind = first["type"]
         if kind == "extra_forbidden":
@@ -90,6 +90,11 @@ def validate(model: type[BaseModel], values: Any) -> BaseModel:
         if param in {"style", "stream", "partial_images"}:
             raise invalid(param, f"{param} is not supported by this server", code="unsupported_value") from None
         raise invalid(param, f"{param}: {first['msg']}") from None
+
+
+def _union_member(part: Any) -> bool:
+    """Pydantic names the member of a union that failed (``score.bool``): not a field."""
+    return isinstance(part, int) or part in {"bool", "float", "int", "str"} or "[" in str(part)
 
 
 def image_request(body: ImageGenerationBody, base_policy: RefinePolicy, request_id: str) -> ImageRequest:
@@ -153,4 +158,13 @@ def request_policy(base: RefinePolicy, overrides: dict[str, Any]) -> RefinePolic
         raise invalid(f"grefine.policy.{field}" if field else "grefine.policy", message) from None
 
 
-__all__ = ["ImageGenerationBody", "image_request", "parse_json", "validate"]
+class FeedbackBody(_Strict):
+    """``POST /v1/quality/feedback``: a user's verdict on an image (its ``grefine.record_id``)."""
+
+    record_id: StrictStr
+    score: StrictBool | StrictFloat | Literal["up", "down"]
+    source: StrictStr = "user"
+    comment: StrictStr | None = None
+
+
+__all__ = ["FeedbackBody", "ImageGenerationBody", "image_request", "parse_json", "validate"]

@@ -212,6 +212,7 @@ class ImageService:
         self._worker: threading.Thread | None = None
         self._loader: threading.Thread | None = None
         self._unlogged: list[QualityRecord] = []
+        self._log_lock = threading.Lock()  # the worker's record writes and feedback share the log
         self._busy_since: float | None = None
         self._last_step = time.monotonic()
         self.metrics.queue_capacity.set(self.config.max_queue)
@@ -531,6 +532,30 @@ class ImageService:
             made.append(GeneratedImage(image=image, record=record, original=original, report=report))
         return made
 
+    def add_feedback(self, record_id: str, score: Any, *, source: str = "user", comment: str | None = None):
+        """A user's verdict on an image this service (or any writer of its log) made.
+
+        Raises:
+            ServiceError: 400 without a log or for a bad field, 404 for an unknown record id, 503
+                when the log cannot be reached.
+        """
+        from grefine_hooks.records import UnknownRecordError
+
+        if self.quality_log is None:
+            raise ServiceError(400, "this server keeps no quality log", code="no_quality_log")
+        try:
+            with self._log_lock:
+                return self.quality_log.add_feedback(record_id, score, source=source, comment=comment)
+        except UnknownRecordError as error:
+            raise ServiceError(404, str(error).strip("'\""), param="record_id", code="record_not_found") from None
+        except ValueError as error:
+            field = next((name for name in ("score", "source", "comment", "record_id") if str(error).startswith(name)),
+                         None)
+            raise invalid(field, str(error)) from None
+        except OSError as error:
+            raise ServiceError(503, f"the quality log cannot be reached: {error}", type="server_error",
+                               code="log_unavailable") from None
+
     def _write_records(self, records: list[QualityRecord]) -> bool:
         """Appends ``records`` (after any a failed write left); False if the log refused them."""
         if self.quality_log is None:
@@ -539,7 +564,8 @@ class ImageService:
         if not pending:
             return True
         try:
-            self.quality_log.write_many(pending)
+            with self._log_lock:
+                self.quality_log.write_many(pending)
         except Exception as error:
             self._unlogged = pending
             logger.error("grefine serve: %d records not written yet: %s", len(pending), error)
