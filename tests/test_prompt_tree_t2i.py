@@ -83,6 +83,11 @@ def test_framing_words_are_not_objects(prompt, expected):
     assert triples(prompt) == expected
 
 
+def test_a_style_segment_gives_no_phrase():
+    assert triples("a cup on a table, digital art, photorealistic, 4k") == [
+        ("cup", "a cup", None), ("table", "on a table", "cup")]
+
+
 def test_a_medium_noun_that_frames_nothing_is_still_an_object():
     # "of" never follows, so nothing is framed: the painting is what the prompt asks for
     assert [p.noun for p in parse_prompt("a painting on a wall")] == ["painting", "wall"]
@@ -97,6 +102,7 @@ RELATIONS = [
     ("a bird on top of a car", [("bird", "a bird", None), ("car", "on top of a car", "bird")]),
     ("a vase next to a bowl", [("vase", "a vase", None), ("bowl", "next to a bowl", "vase")]),
     ("a girl holding an umbrella", [("girl", "a girl", None), ("umbrella", "holding an umbrella", "girl")]),
+    ("bench near trees", [("bench", "bench", None), ("trees", "near trees", "bench")]),
     ("a photo of a cup on the right of a laptop",
      [("cup", "a cup", None), ("laptop", "on the right of a laptop", "cup")]),
 ]
@@ -165,7 +171,8 @@ class FixedTagger:
 TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", "sign": "VERB",
         "on": "ADP", "cat": "NOUN", "sat": "VERB", "mat": "NOUN", "pole": "NOUN", "running": "VERB",
         "dog": "NOUN", "tie": "VERB", "below": "ADV", "red": "ADJ", "and": "CCONJ", "blue": "ADJ",
-        "car": "NOUN", "pink": "NOUN", "left": "NOUN", "of": "ADP"}
+        "car": "NOUN", "pink": "NOUN", "left": "NOUN", "of": "ADP", "boy": "NOUN", "kicks": "NOUN",
+        "ball": "NOUN", "near": "PROPN", "tree": "NOUN"}
 
 
 @pytest.mark.parametrize(("prompt", "nouns", "expected"), [
@@ -183,6 +190,10 @@ TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", 
     ("a cat sat on a mat", ("sign",), [("cat", "a cat", None), ("mat", "sat on a mat", "cat")]),
     ("a tie below a dog", (), [("tie", "a tie", None), ("dog", "below a dog", "tie")]),
     ("a pink car left of a dog", (), [("car", "a pink car", None), ("dog", "left of a dog", "car")]),
+    # a noun run never runs into a determiner: the noun before it is a verb
+    ("a boy kicks a ball", (), [("boy", "a boy", None), ("ball", "kicks a ball", "boy")]),
+    # a spatial word between two nouns is a preposition, whatever the tagger said
+    ("a car near a tree", (), [("car", "a car", None), ("tree", "near a tree", "car")]),
 ])
 def test_tag_repair_rules(prompt, nouns, expected):
     assert triples(prompt, tagger=FixedTagger(TAGS, nouns)) == expected

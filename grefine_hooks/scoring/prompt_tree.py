@@ -21,7 +21,8 @@ nltk and runs offline:
 
 Text-to-image prompts get three more rules. Framing words at the start of a segment ("a
 photo of", "an oil painting of", "a close-up of") name the medium, not an object: they join
-no phrase, so the object after them is the top of the tree. Multi-word spatial prepositions
+no phrase, so the object after them is the top of the tree, and a comma segment whose
+nouns all name a medium or style ("digital art", "photorealistic") gives no phrase. Multi-word spatial prepositions
 ("left of", "to the right of", "on top of") are read as one preposition, so the object after
 them hangs under the object before them. A phrase's noun is the whole compound ("stop sign",
 "teddy bear"), the nouns right before its head included.
@@ -126,7 +127,8 @@ _MEDIA = frozenset({
     "portrait", "poster", "artwork", "cartoon", "watercolor", "watercolour", "print", "depiction",
     "view", "photorealistic", "selfie", "still", "sculpture", "engraving", "etching", "mosaic",
     "collage", "screenshot", "frame", "scene", "macro", "model", "3d", "animation", "icon",
-    "logo", "sticker", "vector", "concept", "art", "portrayal",
+    "logo", "sticker", "vector", "concept", "art", "portrayal", "hyperrealistic", "realism",
+    "photorealism", "artstation", "style", "bokeh", "hdr", "cinematic", "anime", "octane",
 })
 _MAX_FRAME_WORDS = 6
 # Titles whose full stop belongs to the word: "Mr. Smith" is one name, not two sentences.
@@ -327,7 +329,8 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     multi-word prepositions ("left of") and spatial words before a determiner ("below a") are
     prepositions; a colour, material or size word before a noun is an adjective ("a pink
     cake"). Then nouns: a word that ends a noun phrase right after its determiner is its noun
-    ("a photo of an orange", "a tie"); a verb between a determiner and a noun is a noun
+    ("a photo of an orange", "a tie"), and a noun between a noun and a determiner is a verb
+    ("a child draws a flower"); a verb between a determiner and a noun is a noun
     modifier ("a stop sign"), unless a participle ("a running dog"); a verb after a noun is a
     noun only when the training data mostly saw the word as one (``noun_reading``), so "a cat
     sat on a mat" keeps its verb.
@@ -344,7 +347,9 @@ def _repair_tags(words: Sequence[str], tags: list[str],
         return tags[i] if 0 <= i < n else None
 
     for i, low in enumerate(lower):
-        if low in _SPATIAL_WORDS and tags[i] in ("ADV", "ADJ", "NOUN", "SCONJ") and at(i + 1) in ("DET", "NUM"):
+        if (low in _SPATIAL_WORDS and tags[i] in ("ADV", "ADJ", "NOUN", "PROPN", "SCONJ", "VERB")
+                and at(i + 1) in ("DET", "NUM", "ADJ", "PRON", *NOUN_TAGS)
+                and at(i - 1) not in ("DET", "ADJ", "ADV")):
             tags[i] = "ADP"
         elif low in _ATTRIBUTE_WORDS and tags[i] in ("NOUN", "PROPN", "VERB") and (
                 at(i + 1) in NOUN_TAGS or at(i + 1) == "ADJ" and at(i + 2) in NOUN_TAGS):
@@ -355,6 +360,8 @@ def _repair_tags(words: Sequence[str], tags: list[str],
         ends_np = at(i + 1) in _NP_END and not continues
         if tags[i] == "ADJ" and at(i - 1) in ("DET", "NUM") and ends_np:
             tags[i] = "NOUN"
+        elif tags[i] == "NOUN" and at(i - 1) in NOUN_TAGS and at(i + 1) == "DET":
+            tags[i] = "VERB"  # "a child draws a flower": a noun run never runs into a determiner
         elif tags[i] == "VERB" and not low.endswith(("ing", "ed")):
             modifier = at(i - 1) in ("DET", "NUM", "ADJ") and (ends_np or at(i + 1) in NOUN_TAGS)
             head = (at(i - 1) in NOUN_TAGS and at(i - 2) in ("DET", "NUM", "ADJ") and ends_np
@@ -403,6 +410,11 @@ def _frame_length(tokens: Sequence[_Token], piece: list[int]) -> int:
             medium = before[-1] in _MEDIA or before[-2:] == ["close", "up"]
             return k + 1 if medium else 0
     return 0
+
+
+def _only_media(tokens: Sequence[_Token], piece: list[int]) -> bool:
+    nouns = [tokens[i].text.lower() for i in piece if tokens[i].tag in NOUN_TAGS]
+    return bool(nouns) and all(noun in _MEDIA for noun in nouns)
 
 
 def _chunk_tags(tokens: Sequence[_Token]) -> list[str]:
@@ -480,6 +492,9 @@ def _index_tree(prompt: str, tokens: Sequence[_Token]) -> Tree:
         while (frame := _frame_length(tokens, piece)):
             children += piece[:frame]
             piece = piece[frame:]
+        if _only_media(tokens, piece):  # a style segment ("digital art", "oil painting")
+            children += piece
+            continue
         chunked = _CHUNKER.parse(Tree("SEG", [(str(i), tags[i]) for i in piece]))
         children.append(_leaves_to_indices(chunked))
     return Tree("S", children)
