@@ -121,6 +121,9 @@ COMPOUNDS = [
      [("wine glass", "a wine glass", None), ("coffee mug", "a coffee mug", None)]),
     # colour, material and size words before a noun are attributes, not part of its name
     ("a pink cake and a glass bottle", [("cake", "a pink cake", None), ("bottle", "a glass bottle", None)]),
+    # ... unless listed as a compound of its own
+    ("a light bulb and a black bear", [("light bulb", "a light bulb", None), ("bear", "a black bear", None)]),
+    ("a hot dog on a red plate", [("hot dog", "a hot dog", None), ("plate", "on a red plate", "hot dog")]),
     ("a tall building next to a small wooden hut",
      [("building", "a tall building", None), ("hut", "next to a small wooden hut", "building")]),
     ("a red cube, a blue sphere and a green cone",

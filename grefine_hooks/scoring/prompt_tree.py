@@ -340,8 +340,10 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     lower = [w.lower() for w in words]
     for start, end in _complex_prepositions(lower):
         tags[start:end] = ["ADP"] * (end - start)
+    listed: set[int] = set()  # words of listed compounds keep their NOUN
     for start, end in _lexical_compounds(lower):
         tags[start:end] = ["NOUN"] * (end - start)
+        listed.update(range(start, end))
 
     def at(i: int) -> str | None:
         return tags[i] if 0 <= i < n else None
@@ -351,7 +353,7 @@ def _repair_tags(words: Sequence[str], tags: list[str],
                 and at(i + 1) in ("DET", "NUM", "ADJ", "PRON", *NOUN_TAGS)
                 and at(i - 1) not in ("DET", "ADJ", "ADV")):
             tags[i] = "ADP"
-        elif low in _ATTRIBUTE_WORDS and tags[i] in ("NOUN", "PROPN", "VERB") and (
+        elif low in _ATTRIBUTE_WORDS and i not in listed and tags[i] in ("NOUN", "PROPN", "VERB") and (
                 at(i + 1) in NOUN_TAGS or at(i + 1) == "ADJ" and at(i + 2) in NOUN_TAGS):
             tags[i] = "ADJ"
     for i, low in enumerate(lower):
