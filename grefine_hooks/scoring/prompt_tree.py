@@ -11,11 +11,21 @@ the scorer draws the phrase on the region of its ancestor instead.
 The paper (and its reference code) used a dependency parser; here everything is
 nltk and runs offline:
 
-* tokens come from nltk's regex-based ``NLTKWordTokenizer`` (no punkt data);
-* UPOS tags come from a perceptron trained in-house on UD English EWT and shipped
-  in ``grefine_hooks/data`` (see ``TAGGER_NOTICE.md`` there), or from nltk's own
-  English tagger if the user has installed it (``load_tagger("nltk")``);
+* tokens come from nltk's regex-based ``NLTKWordTokenizer`` (no punkt data); a full stop
+  splits the prompt like a comma, except after a title ("Mr. Smith" stays one name);
+* UPOS tags come from a two-pass perceptron trained in-house on UD English EWT and shipped
+  in ``grefine_hooks/data`` (:mod:`.upos_tagger`, ``TAGGER_NOTICE.md``), or from nltk's own
+  English tagger if the user has installed it (``load_tagger("nltk")``); a few rules then
+  repair what a treebank tagger gets wrong on prompt fragments (:func:`_repair_tags`);
 * the tree comes from a cascaded ``nltk.RegexpParser`` chunk grammar over UPOS.
+
+Text-to-image prompts get three more rules. Framing words at the start of a segment ("a
+photo of", "an oil painting of", "a close-up of") name the medium, not an object: they join
+no phrase, so the object after them is the top of the tree, and a comma segment whose
+nouns all name a medium or style ("digital art", "photorealistic") gives no phrase. Multi-word spatial prepositions
+("left of", "to the right of", "on top of") are read as one preposition, so the object after
+them hangs under the object before them. A phrase's noun is the whole compound ("stop sign",
+"teddy bear"), the nouns right before its head included.
 
 "Nearest" noun (eq. 4): from a word, climb the tree to the first constituent
 that contains a noun centre, then take the centre fewest levels below it; on a
@@ -30,18 +40,18 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import NamedTuple, Protocol
 
 import nltk
-from nltk.jsontags import JSONTaggedDecoder
 from nltk.tag.perceptron import PerceptronTagger
 from nltk.tokenize import NLTKWordTokenizer
 from nltk.tree import Tree
+
+from .upos_tagger import TwoPassTagger
 
 __all__ = [
     "NOUN_TAGS",
@@ -58,6 +68,7 @@ __all__ = [
 NOUN_TAGS = frozenset({"NOUN", "PROPN"})
 
 MODEL_FILE = "upos_tagger_ud_ewt.json"
+COMPOUNDS_FILE = "compound_nouns.txt"
 _NLTK_TAGGER_RESOURCE = "taggers/averaged_perceptron_tagger_eng/"
 
 # Cascaded chunk grammar over UPOS (plus the internal tags made by _chunk_tags: REL
@@ -89,15 +100,67 @@ _SEPARATORS = frozenset({",", ";", ".", "!", "?", "|", "...", "…"})
 _LINK_TAGS = frozenset({"CCONJ", "SCONJ", "PUNCT"})
 _REL_WORDS = frozenset({"that", "which", "who", "whom", "whose", "where"})
 _POSSESSIVE_PRONOUNS = frozenset({"my", "your", "his", "her", "its", "our", "their"})
-_COMPLEX_PREPOSITIONS = (
-    ("in", "front", "of"),
-    ("on", "top", "of"),
-    ("next", "to"),
-    ("close", "to"),
-    ("out", "of"),
-    ("because", "of"),
-    ("instead", "of"),
-)
+# Multi-word prepositions, longest first: each is read as one ADP run ("a cup to the left
+# of a vase": the vase hangs under the cup, not under "left").
+_COMPLEX_PREPOSITIONS = tuple(sorted((tuple(p.split()) for p in (
+    "in front of", "in back of", "on top of", "at the top of", "on the top of", "at the bottom of",
+    "on the bottom of", "on the side of", "on side of", "to the side of", "on either side of",
+    "on the left of", "on the right of", "to the left of", "to the right of", "on the left side of",
+    "on the right side of", "left of", "right of", "in the middle of", "in the center of",
+    "in the centre of", "next to", "close to", "adjacent to", "out of", "because of", "instead of",
+    "away from", "on the edge of", "at the edge of",
+)), key=len, reverse=True))
+_PREPOSITIONS_BY_FIRST_WORD: dict[str, list[tuple[str, ...]]] = {}
+for _words in _COMPLEX_PREPOSITIONS:
+    _PREPOSITIONS_BY_FIRST_WORD.setdefault(_words[0], []).append(_words)
+# Single-word spatial prepositions the tagger may read as adverbs ("a cup below a bear").
+_SPATIAL_WORDS = frozenset({
+    "above", "below", "beneath", "under", "underneath", "behind", "beside", "besides", "near",
+    "over", "inside", "outside", "atop", "around", "between", "among", "beyond", "across",
+    "along", "against", "opposite",
+})
+# Words that name the picture rather than what it shows; "<det> [modifiers] <medium> of" at
+# the start of a segment frames the objects after it ("an oil painting of", "a 3d render of").
+_MEDIA = frozenset({
+    "photo", "photograph", "photography", "picture", "pic", "image", "painting", "drawing",
+    "sketch", "illustration", "render", "rendering", "close-up", "closeup", "shot", "snapshot",
+    "portrait", "poster", "artwork", "cartoon", "watercolor", "watercolour", "print", "depiction",
+    "view", "photorealistic", "selfie", "still", "sculpture", "engraving", "etching", "mosaic",
+    "collage", "screenshot", "frame", "scene", "macro", "model", "3d", "animation", "icon",
+    "logo", "sticker", "vector", "concept", "art", "portrayal", "hyperrealistic", "realism",
+    "photorealism", "artstation", "style", "bokeh", "hdr", "cinematic", "anime", "octane",
+})
+_MAX_FRAME_WORDS = 6
+# Titles whose full stop belongs to the word: "Mr. Smith" is one name, not two sentences.
+_ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "mx", "dr", "prof", "st", "mt", "ft", "jr", "sr", "rev", "fr", "gen",
+    "col", "capt", "lt", "sgt", "gov", "sen", "rep", "pres", "hon", "vs", "etc", "approx", "fig",
+    "inc", "ltd", "corp", "ave", "blvd", "dept", "univ", "mme", "mlle", "messrs",
+})
+# Closed classes of attribute words that the tagger reads as nouns before a noun ("a pink cake",
+# "a glass bottle", "a tall building"): there they are the noun's colour, material or size, never
+# part of its name.
+_COLOURS = frozenset({
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
+    "grey", "gray", "violet", "indigo", "turquoise", "teal", "cyan", "magenta", "beige", "tan",
+    "maroon", "navy", "gold", "golden", "silver", "bronze", "crimson", "scarlet", "ivory", "cream",
+    "lavender", "lilac", "olive", "khaki", "amber", "emerald", "ruby", "rainbow", "colorful",
+    "colourful", "multicolored", "dark", "light", "pale", "bright",
+})
+_MATERIALS = frozenset({
+    "glass", "wood", "wooden", "metal", "metallic", "plastic", "rubber", "leather", "fabric",
+    "paper", "stone", "steel", "ceramic", "silk", "wool", "woolen", "woollen", "cotton", "marble",
+    "concrete", "brick", "copper", "iron", "velvet", "denim", "fur", "furry", "fluffy", "crystal",
+    "porcelain", "clay", "bamboo", "straw", "cardboard", "lace", "linen", "wicker", "chrome",
+    "aluminum", "aluminium", "tin", "brass", "granite", "felt", "knitted", "suede", "satin",
+    "canvas", "plush", "rattan", "jade", "pearl", "diamond", "oak", "pine", "mahogany",
+})
+_SIZES = frozenset({
+    "small", "large", "big", "tiny", "huge", "giant", "gigantic", "enormous", "massive", "little",
+    "tall", "short", "long", "wide", "narrow", "thick", "thin", "miniature", "mini", "oversized",
+})
+_ATTRIBUTE_WORDS = _COLOURS | _MATERIALS | _SIZES
+_NP_END = frozenset({"ADP", "CCONJ", "SCONJ", "PUNCT", "VERB", "AUX", "PART", "PRON", None})
 
 # nltk's English tagger speaks Penn Treebank; this maps it to UPOS (word-independent
 # except for forms of "be", which UD tags AUX). Other all-symbol tags (. , : `` '') are PUNCT.
@@ -180,7 +243,7 @@ def load_tagger(name: str = "ud-ewt") -> UposTagger:
     """Return a UPOS tagger, loaded once per process and cached.
 
     Args:
-        name (`str`, defaults to `"ud-ewt"`): `"ud-ewt"` is the perceptron shipped in
+        name (`str`, defaults to `"ud-ewt"`): `"ud-ewt"` is the two-pass perceptron shipped in
             `grefine_hooks/data` (needs no nltk_data); `"nltk"` is nltk's own
             `averaged_perceptron_tagger_eng` with its tags mapped to UPOS, usable only
             if the user installed it: this never downloads anything.
@@ -198,8 +261,7 @@ def _load_tagger(name: str) -> UposTagger:
     if name == "nltk":
         return _load_nltk_tagger()
     text = (resources.files("grefine_hooks") / "data" / MODEL_FILE).read_text(encoding="utf-8")
-    # nltk's tagged-JSON decoder rebuilds the PerceptronTagger (no pickle, no nltk_data).
-    return json.loads(text, cls=JSONTaggedDecoder)
+    return TwoPassTagger.from_json(text)  # plain JSON: no pickle, no nltk_data
 
 
 def _load_nltk_tagger() -> UposTagger:
@@ -226,11 +288,10 @@ def _tokens(prompt: str, tagger: UposTagger | None) -> list[_Token]:
     if not spans:
         return []
     words = [prompt[start:end] for start, end in spans]
-    tagged = (load_tagger() if tagger is None else tagger).tag(words)
-    return [
-        _Token(word, start, end, _fix_tag(word, tag))
-        for word, (start, end), (_, tag) in zip(words, spans, tagged, strict=True)
-    ]
+    tagger = load_tagger() if tagger is None else tagger
+    tags = [_fix_tag(word, tag) for word, (_, tag) in zip(words, tagger.tag(words), strict=True)]
+    tags = _repair_tags(words, tags, getattr(tagger, "noun_reading", None))
+    return [_Token(word, start, end, tag) for word, (start, end), tag in zip(words, spans, tags)]
 
 
 def _spans(prompt: str) -> list[tuple[int, int]]:
@@ -241,7 +302,9 @@ def _spans(prompt: str) -> list[tuple[int, int]]:
     """
     spans: list[tuple[int, int]] = []
     for start, end in _TOKENIZER.span_tokenize(prompt):
-        if end - start > 2 and prompt[end - 1] == "." and prompt[start : end - 1].isalpha():
+        word = prompt[start : end - 1]
+        if (end - start > 2 and prompt[end - 1] == "." and word.isalpha()
+                and word.lower() not in _ABBREVIATIONS):
             spans += [(start, end - 1), (end - 1, end)]
         else:
             spans.append((start, end))
@@ -249,11 +312,111 @@ def _spans(prompt: str) -> list[tuple[int, int]]:
 
 
 def _fix_tag(word: str, tag: str) -> str:
-    """Booru-style counts glued to a noun ("1girl", "2boys") look like numbers to the tagger."""
+    """Words that start with digits: booru-style counts glued to a noun ("1girl", "2boys") are
+    nouns; sizes and resolutions ("8k", "35mm", "1080p") are numbers, never objects."""
     digits = len(word) - len(word.lstrip("0123456789"))
-    if 0 < digits and len(word) - digits >= 3 and word[digits:].isalpha():
-        return "NOUN"
+    rest = word[digits:]
+    if 0 < digits and rest.isalpha():
+        return "NOUN" if len(rest) >= 3 else "NUM"
     return tag
+
+
+def _repair_tags(words: Sequence[str], tags: list[str],
+                 noun_reading: Callable[[str], bool] | None) -> list[str]:
+    """Fix the tagger's commonest misreadings of prompt fragments, where the grammar depends on them.
+
+    Prompts are noun phrases without a sentence around them, unlike the treebank. In order:
+    multi-word prepositions ("left of") and spatial words before a determiner ("below a") are
+    prepositions; a colour, material or size word before a noun is an adjective ("a pink
+    cake"). Then nouns: a word that ends a noun phrase right after its determiner is its noun
+    ("a photo of an orange", "a tie"), and a noun between a noun and a determiner is a verb
+    ("a child draws a flower"); a verb between a determiner and a noun is a noun
+    modifier ("a stop sign"), unless a participle ("a running dog"); a verb after a noun is a
+    noun only when the training data mostly saw the word as one (``noun_reading``), so "a cat
+    sat on a mat" keeps its verb.
+    """
+    tags = list(tags)
+    n = len(words)
+    lower = [w.lower() for w in words]
+    for start, end in _complex_prepositions(lower):
+        tags[start:end] = ["ADP"] * (end - start)
+    listed: set[int] = set()  # words of listed compounds keep their NOUN
+    for start, end in _lexical_compounds(lower):
+        tags[start:end] = ["NOUN"] * (end - start)
+        listed.update(range(start, end))
+
+    def at(i: int) -> str | None:
+        return tags[i] if 0 <= i < n else None
+
+    for i, low in enumerate(lower):
+        if (low in _SPATIAL_WORDS and tags[i] in ("ADV", "ADJ", "NOUN", "PROPN", "SCONJ", "VERB")
+                and at(i + 1) in ("DET", "NUM", "ADJ", "PRON", *NOUN_TAGS)
+                and at(i - 1) not in ("DET", "ADJ", "ADV")):
+            tags[i] = "ADP"
+        elif low in _ATTRIBUTE_WORDS and i not in listed and tags[i] in ("NOUN", "PROPN", "VERB") and (
+                at(i + 1) in NOUN_TAGS or at(i + 1) == "ADJ" and at(i + 2) in NOUN_TAGS):
+            tags[i] = "ADJ"
+    for i, low in enumerate(lower):
+        # "red and blue car", "red, shiny apple": the noun phrase goes on after the link
+        continues = at(i + 1) in ("CCONJ", "PUNCT") and at(i + 2) in ("ADJ", "ADV", "VERB", *NOUN_TAGS)
+        ends_np = at(i + 1) in _NP_END and not continues
+        if tags[i] == "ADJ" and at(i - 1) in ("DET", "NUM") and ends_np:
+            tags[i] = "NOUN"
+        elif tags[i] == "NOUN" and at(i - 1) in NOUN_TAGS and at(i + 1) == "DET":
+            tags[i] = "VERB"  # "a child draws a flower": a noun run never runs into a determiner
+        elif tags[i] == "VERB" and not low.endswith(("ing", "ed")):
+            modifier = at(i - 1) in ("DET", "NUM", "ADJ") and (ends_np or at(i + 1) in NOUN_TAGS)
+            head = (at(i - 1) in NOUN_TAGS and at(i - 2) in ("DET", "NUM", "ADJ") and ends_np
+                    and noun_reading is not None and noun_reading(words[i]))
+            if modifier or head:
+                tags[i] = "NOUN"
+    return tags
+
+
+@functools.cache
+def _compound_lexicon() -> frozenset[tuple[str, ...]]:
+    text = (resources.files("grefine_hooks") / "data" / COMPOUNDS_FILE).read_text(encoding="utf-8")
+    return frozenset(tuple(line.split()) for line in text.splitlines()
+                     if line.strip() and not line.startswith("#"))
+
+
+def _lexical_compounds(lower: Sequence[str]) -> list[tuple[int, int]]:
+    """Spans of the listed compounds ("hot dog", "teddy bears"), longest match first.
+
+    A plural head is matched by dropping its "s" or "es"; the list holds no head for which
+    that would make another word.
+    """
+    lexicon = _compound_lexicon()
+    spans, i = [], 0
+    while i < len(lower):
+        for size in (4, 3, 2):
+            words = lower[i : i + size]
+            heads = (words[-1], words[-1][:-1], words[-1][:-2]) if words else ()
+            if len(words) == size and any(tuple(words[:-1]) + (h,) in lexicon for h in heads):
+                spans.append((i, i + size))
+                i += size
+                break
+        else:
+            i += 1
+    return spans
+
+
+def _frame_length(tokens: Sequence[_Token], piece: list[int]) -> int:
+    """How many leading words of a segment name the medium ("a photo of", "an oil painting of")."""
+    for k in range(1, min(len(piece) - 1, _MAX_FRAME_WORDS)):
+        tok = tokens[piece[k]]
+        if tok.tag == "ADP" and tok.text.lower() != "of" or tok.tag == "PUNCT":
+            return 0
+        if tok.text.lower() == "of":
+            before = [tokens[i].text.lower() for i in piece[:k]]
+            medium = before[-1] in _MEDIA or before[-2:] == ["close", "up"]
+            return k + 1 if medium else 0
+    return 0
+
+
+def _only_media(tokens: Sequence[_Token], piece: list[int]) -> bool:
+    nouns = [tokens[i].text.lower() for i in piece if tokens[i].tag in NOUN_TAGS]
+    return bool(nouns) and all(noun in _MEDIA for noun in nouns)
 
 
 def _chunk_tags(tokens: Sequence[_Token]) -> list[str]:
@@ -269,11 +432,21 @@ def _chunk_tags(tokens: Sequence[_Token]) -> list[str]:
             tags[i] = "REL"
         elif lower[i] == "of" and tok.tag == "ADP":
             tags[i] = "OF"
-    for i in range(len(tokens)):
-        for words in _COMPLEX_PREPOSITIONS:
-            if tuple(lower[i : i + len(words)]) == words:
-                tags[i : i + len(words)] = ["ADP"] * len(words)
+    for start, end in _complex_prepositions(lower):
+        tags[start:end] = ["ADP"] * (end - start)  # their "of" is no OF
     return tags
+
+
+def _complex_prepositions(lower: Sequence[str]) -> list[tuple[int, int]]:
+    """Spans of the multi-word prepositions in lower-cased words, longest match first."""
+    spans, i = [], 0
+    while i < len(lower):
+        candidates = _PREPOSITIONS_BY_FIRST_WORD.get(lower[i], ())
+        match = next((len(p) for p in candidates if tuple(lower[i : i + len(p)]) == p), 0)
+        if match:
+            spans.append((i, i + match))
+        i += match or 1
+    return spans
 
 
 def _segments(tokens: Sequence[_Token], gaps: Sequence[str]) -> list[list[int] | int]:
@@ -316,6 +489,13 @@ def _index_tree(prompt: str, tokens: Sequence[_Token]) -> Tree:
     for piece in _segments(tokens, gaps):
         if isinstance(piece, int):
             children.append(piece)
+            continue
+        # framing words ("a photo of") are leaves of the root: they join no phrase
+        while (frame := _frame_length(tokens, piece)):
+            children += piece[:frame]
+            piece = piece[frame:]
+        if _only_media(tokens, piece):  # a style segment ("digital art", "oil painting")
+            children += piece
             continue
         chunked = _CHUNKER.parse(Tree("SEG", [(str(i), tags[i]) for i in piece]))
         children.append(_leaves_to_indices(chunked))
@@ -520,18 +700,27 @@ def parse_prompt(prompt: str, tagger: UposTagger | None = None) -> list[Phrase]:
     for i, j in enumerate(phrase_of):
         if j is not None:
             members[j].append(i)
+    nouns = [_compound(tokens, centres[j], members[j]) for j in range(len(centres))]
     return [
-        _phrase(tokens, centres[j], members[j], ans.get(j), centres)
+        _phrase(tokens, j, members[j], ans.get(j), nouns)
         for j in range(len(centres))
     ]
 
 
-def _phrase(tokens: Sequence[_Token], centre: int, words: list[int], ancestor: int | None,
-            centres: list[int]) -> Phrase:
+def _compound(tokens: Sequence[_Token], centre: int, words: list[int]) -> str:
+    """The head noun with the nouns right before it in its phrase: "stop sign", "teddy bear"."""
+    first = centre
+    while first - 1 in words and tokens[first - 1].tag in NOUN_TAGS:
+        first -= 1
+    return _join(tokens, list(range(first, centre + 1)))
+
+
+def _phrase(tokens: Sequence[_Token], j: int, words: list[int], ancestor: int | None,
+            nouns: list[str]) -> Phrase:
     return Phrase(
-        noun=tokens[centre].text,
+        noun=nouns[j],
         text=_join(tokens, words),
-        ancestor=None if ancestor is None else tokens[centres[ancestor]].text,
+        ancestor=None if ancestor is None else nouns[ancestor],
         ancestor_index=ancestor,
         start=words[0],
         end=words[-1] + 1,
