@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from grefine_hooks.errors import WeightsNotFoundError
 from grefine_hooks.policy import RefinePolicy
 from grefine_hooks.refine.masks import refine_mask
 from grefine_hooks.scoring.alignment import emphasize
@@ -385,14 +386,15 @@ def test_loader_loads_a_local_dir_clip(tmp_path, tiny_clip_parts, scorer):
 def test_loader_refuses_a_local_dir_without_weights(tmp_path, tiny_clip_parts):
     from grefine_hooks.testing import save_tiny_clip
 
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    # The core's check (QualityScorer refuses these folders too), with the pack's README hint.
+    with pytest.raises(WeightsNotFoundError, match="no such folder(.|\n)*README"):
         _load(clip=f"local-dir:{tmp_path / 'missing'}")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no open_clip_config.json"):
+    with pytest.raises(WeightsNotFoundError, match="no open_clip_config.json"):
         _load(clip=f"local-dir:{tmp_path / 'empty'}")
     folder = save_tiny_clip(tiny_clip_parts[0], tmp_path / "clip")
     (folder / "open_clip_model.safetensors").unlink()  # open_clip alone would score with random weights
-    with pytest.raises(FileNotFoundError, match="has no weights"):
+    with pytest.raises(WeightsNotFoundError, match="has no weights"):
         _load(clip=f"local-dir:{folder}")
 
 

@@ -178,3 +178,17 @@ def test_bad_max_phrases(tiny_clip_parts):
     model, preprocess, tokenizer = tiny_clip_parts
     with pytest.raises(ValueError, match="max_phrases"):
         QualityScorer(model=model, tokenizer=tokenizer, max_phrases=0)
+
+
+def test_a_local_dir_clip_without_weights_is_refused_not_random(tmp_path, tiny_clip_parts):
+    """open_clip alone would only warn and score with random weights."""
+    from grefine_hooks.errors import WeightsNotFoundError
+    from grefine_hooks.scoring.scorer import QualityScorer
+    from grefine_hooks.testing import save_tiny_clip
+
+    folder = save_tiny_clip(tiny_clip_parts[0], tmp_path / "clip")
+    (folder / "open_clip_model.safetensors").unlink()
+    with pytest.raises(WeightsNotFoundError, match="has no weights"):
+        QualityScorer(f"local-dir:{folder}")
+    with pytest.raises(WeightsNotFoundError, match="no such folder"):
+        QualityScorer(f"local-dir:{tmp_path / 'missing'}")

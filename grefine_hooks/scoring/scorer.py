@@ -102,8 +102,24 @@ class _Stopwatch:
         self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
 
 
+def check_local_dir(clip: str) -> None:
+    """A ``local-dir:`` folder must hold its config and weights: without weights open_clip only
+    warns and builds a random-weight model, whose scores would be silently meaningless."""
+    folder = Path(clip[len("local-dir:"):]).expanduser()
+    if not folder.is_dir():
+        raise WeightsNotFoundError(f"clip {clip!r}: no such folder")
+    if not (folder / "open_clip_config.json").is_file():
+        raise WeightsNotFoundError(f"clip {clip!r}: the folder has no open_clip_config.json")
+    if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
+        raise WeightsNotFoundError(
+            f"clip {clip!r}: the folder has no weights (open_clip_model.safetensors, or .bin/.pth/.pt)"
+        )
+
+
 def load_clip(clip: str, pretrained: str | None) -> tuple[torch.nn.Module, Callable]:
     """open_clip's own loader, with an actionable error when weights are not on disk."""
+    if clip.startswith("local-dir:"):
+        check_local_dir(clip)
     try:
         model, _, _ = open_clip.create_model_and_transforms(clip, pretrained=pretrained)
     except RuntimeError as error:

@@ -9,7 +9,6 @@ learned quality prompts), a weights file (``pretrained``), or an open_clip folde
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -63,9 +62,7 @@ class GRefineScorerLoader:
         if quality_prompts not in QUALITY_PROMPTS:
             raise ValueError(f"quality_prompts must be one of {QUALITY_PROMPTS}, got {quality_prompts!r}")
         pretrained = pretrained.strip() if isinstance(pretrained, str) else ""
-        if clip.startswith(_LOCAL_DIR):
-            _check_local_dir(clip)
-        elif not pretrained:
+        if not clip.startswith(_LOCAL_DIR) and not pretrained:
             raise ValueError(
                 "pretrained is empty: give a weights tag (openai) or a weights file; open_clip would "
                 "otherwise build the CLIP with random weights and every score would be meaningless"
@@ -80,17 +77,3 @@ class GRefineScorerLoader:
         except WeightsNotFoundError as error:
             raise WeightsNotFoundError(f"{error}\n{_README_HINT}") from error
         return (scorer,)
-
-
-def _check_local_dir(clip: str) -> None:
-    """An open_clip folder must hold its config and weights: without weights open_clip only warns
-    and builds a random-weight model, whose scores would be silently meaningless."""
-    folder = Path(clip[len(_LOCAL_DIR):]).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"clip {clip!r}: no such folder. {_README_HINT}")
-    if not (folder / "open_clip_config.json").is_file():
-        raise FileNotFoundError(f"clip {clip!r}: the folder has no open_clip_config.json. {_README_HINT}")
-    if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth")):
-        raise FileNotFoundError(
-            f"clip {clip!r}: the folder has no weights (open_clip_model.safetensors or .bin/.pth). {_README_HINT}"
-        )
