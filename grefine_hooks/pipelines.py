@@ -39,6 +39,7 @@ from diffusers import (
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines import auto_pipeline
 from diffusers.utils import BaseOutput
 
 from .errors import GenerationInterrupted
@@ -125,6 +126,7 @@ class RefineMixin:
             "the output gains ``.quality`` (one QualityRecord per image).\n\n" + (base.__call__.__doc__ or "")
         )
         cls.__call__ = __call__
+        _link_to_auto_pipelines(cls, base)
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -564,6 +566,21 @@ def diffusers_base(cls: type) -> type:
         if issubclass(base, DiffusionPipeline) and base.__module__.startswith("diffusers."):
             return base
     raise TypeError(f"{cls.__name__} does not extend a diffusers pipeline")
+
+
+def _link_to_auto_pipelines(cls: type, base: type) -> None:
+    """Lets ``AutoPipelineFor*.from_pipe`` find ``cls``'s task pipelines as it finds ``base``'s.
+
+    AutoPipeline looks a pipeline's class *name* up in each of its mappings to learn its model
+    name (``"stable-diffusion"``), then takes that model's inpaint / image-to-image / text-to-image
+    class. One more mapping naming ``cls`` under ``base``'s model name makes the first look-up
+    succeed; diffusers' own mappings are left as they are.
+    """
+    for mapping in list(auto_pipeline.SUPPORTED_TASKS_MAPPINGS):
+        for model_name, pipeline_class in mapping.items():
+            if pipeline_class is base:
+                auto_pipeline.SUPPORTED_TASKS_MAPPINGS.append({model_name: cls})
+                return
 
 
 def _resolvable(library: str, class_name: str) -> bool:
