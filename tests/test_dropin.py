@@ -19,6 +19,7 @@ from diffusers import (
 )
 
 from grefine_hooks import RefinedStableDiffusionPipeline, RefinePolicy, wrap
+from grefine_hooks.errors import GenerationInterrupted
 from grefine_hooks.testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 SKIP_ALL = RefinePolicy(p_threshold=0.0, a_threshold=0.0)
@@ -82,3 +83,125 @@ def test_auto_pipelines_find_generic_and_user_refined_classes(scorer):
 
     mine = HouseRefinedPipeline(**sd.components)
     assert type(AutoPipelineForInpainting.from_pipe(mine)).__name__ == "StableDiffusionInpaintPipeline"
+
+
+# -- prompt embeddings ---------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+PROMPTS = ["a red book on a table", "a cat sleeping on a sofa"]
+NEGATIVES = ["blurry", "dark"]
+#: Scaled embeddings, as prompt-weighting tools make them: no text encodes to these.
+WEIGHT = 1.3
+
+
+@torch.no_grad()
+def _weighted_embeddings(family: str, pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    """The call arguments that give ``family`` its prompt as (weighted) embeddings instead of text."""
+    if family == "sd15":
+        embeds, negative = pipe.encode_prompt(PROMPTS, CPU, 1, True, NEGATIVES)
+        return {"prompt_embeds": embeds * WEIGHT, "negative_prompt_embeds": negative}
+    if family == "sdxl":
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            PROMPTS, device=CPU, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=NEGATIVES
+        )
+        return {"prompt_embeds": embeds * WEIGHT, "negative_prompt_embeds": negative,
+                "pooled_prompt_embeds": pooled * WEIGHT, "negative_pooled_prompt_embeds": negative_pooled}
+    if family.startswith("pixart"):
+        embeds, mask, negative, negative_mask = pipe.encode_prompt(
+            PROMPTS, True, negative_prompt="", device=CPU, clean_caption=False
+        )
+        # PixArt's negative_prompt defaults to "", which diffusers refuses beside negative_prompt_embeds.
+        return {"prompt_embeds": embeds * WEIGHT, "prompt_attention_mask": mask, "negative_prompt": None,
+                "negative_prompt_embeds": negative, "negative_prompt_attention_mask": negative_mask}
+    embeds, pooled, negative, negative_pooled = pipe.prior_pipe.encode_prompt(
+        CPU, len(PROMPTS), 1, True, prompt=PROMPTS, negative_prompt=NEGATIVES
+    )
+    return {"prompt_embeds": embeds * WEIGHT, "prompt_embeds_pooled": pooled * WEIGHT,
+            "negative_prompt_embeds": negative, "negative_prompt_embeds_pooled": negative_pooled}
+
+
+def _conditioning_seen(family: str, pipe: DiffusionPipeline) -> tuple[list[dict[str, torch.Tensor]], dict[str, tuple]]:
+    """Hooks the denoiser; returns the list its calls fill with their prompt conditioning, and for
+    each conditioning the (positive, negative) argument names it must come from."""
+    calls: list[dict[str, torch.Tensor]] = []
+    if family == "cascade":
+        denoiser, sources = pipe.decoder, {"clip_text_pooled": ("prompt_embeds_pooled", "negative_prompt_embeds_pooled")}
+    else:
+        denoiser = pipe.transformer if family.startswith("pixart") else pipe.unet
+        sources = {"encoder_hidden_states": ("prompt_embeds", "negative_prompt_embeds")}
+        if family == "sdxl":
+            sources["text_embeds"] = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+    def record(module, args, kwargs):
+        seen = {**kwargs, **(kwargs.get("added_cond_kwargs") or {})}
+        calls.append({name: seen[name].detach().clone() for name in sources})
+
+    denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    return calls, sources
+
+
+def _rows(seen: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> list[tuple[str, int]]:
+    """Which row of the caller's positive / negative embeddings each row of ``seen`` is."""
+    labels = []
+    for row in seen:
+        matches = [("pos", j) for j, ref in enumerate(positive) if torch.allclose(row, ref.to(row), atol=1e-5)]
+        matches += [("neg", j) for j, ref in enumerate(negative) if torch.allclose(row, ref.to(row), atol=1e-5)]
+        assert matches, "the denoiser saw a conditioning row that is not the caller's"
+        labels.append(matches[0])
+    return labels
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_embeddings_condition_every_refine_stage(family, scorer):
+    pipe = wrap(_pipe(family), policy=RefinePolicy(p_threshold=1.0, a_threshold=1.0), scorer=scorer)
+    embeddings = _weighted_embeddings(family, pipe)
+    calls, sources = _conditioning_seen(family, pipe)
+    output = pipe(**embeddings, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+                  **tiny_call_kwargs(family, 4))
+
+    assert len(output.images) == 4
+    for record in output.quality:
+        assert record.decision in ("refined", "reverted"), (record.reason, record.error)
+        assert record.error is None and record.stage1_steps >= 1 and record.stage2_steps >= 1
+        # Alignment needs text: not scored, and the record says so; nothing to emphasise.
+        assert record.a_before is None and record.a_after is None and record.p_after is not None
+        assert record.reason.endswith("alignment not scored: the prompt came as embeddings (prompt_embeds), not text")
+        assert record.prompt is None and record.emphasized_prompt is None and record.phrases == []
+
+    # Every denoiser call, generation and refinement, saw only the caller's rows; each refinement
+    # call saw the row of its own image's prompt (images 0, 1 -> prompt 0; 2, 3 -> prompt 1).
+    refine_rows = []
+    for call in calls:
+        for name, (positive, negative) in sources.items():
+            labels = _rows(call[name], embeddings[positive], embeddings[negative])
+            prompts_seen = {j for kind, j in labels if kind == "pos"}
+            assert prompts_seen, "a denoiser call without the caller's prompt"
+            if len(labels) <= 2:  # one image (and its negative): a refine stage
+                refine_rows.append(prompts_seen.pop())
+    assert len(refine_rows) >= 2 * 4 * len(sources)  # two stages for each of the four images
+    assert refine_rows == sorted(refine_rows) and set(refine_rows) == {0, 1}
+
+
+def test_prompt_embeddings_with_refinement_off_and_on_a_stopped_call(scorer):
+    pipe = wrap(_pipe("sd15"), policy=SKIP_ALL, scorer=scorer)
+    embeddings = _weighted_embeddings("sd15", pipe)
+    [record] = pipe(**{k: v[:1] for k, v in embeddings.items()}, **tiny_call_kwargs("sd15", 2)).quality
+    assert record.decision == "skipped" and record.a_before is None
+    assert record.reason == f"p {record.p_before:.2f} >= 0.00; alignment not scored: the prompt came as embeddings (prompt_embeds), not text"
+    with pipe.refinement_scope(should_stop=lambda: True), pytest.raises(GenerationInterrupted) as stopped:
+        pipe(**embeddings, num_images_per_prompt=2, **tiny_call_kwargs("sd15", 2))
+    assert len(stopped.value.records) == 4  # two rows of prompt_embeds, two images each
+
+
+def test_stable_cascade_refines_with_the_text_conditioning_generation_used(scorer):
+    """The combined pipeline conditions its decoder on the prior's text encoding (its decoder's own
+    text encoder is unused); stage 2, which runs the plain prompt, must see the same tensor."""
+    pipe = wrap(_pipe("cascade"), policy=REFINE_ALL, scorer=scorer)
+    seen = []
+    pipe.decoder.register_forward_pre_hook(lambda m, a, k: seen.append(k["clip_text_pooled"].clone()), with_kwargs=True)
+    steps = 4
+    output = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs("cascade", steps))
+    assert output.quality[0].decision == "refined"
+    generation, stage2 = seen[0], seen[-1]
+    assert len(seen) > steps and generation.shape == stage2.shape
+    assert torch.allclose(stage2, generation, atol=1e-6)
