@@ -205,3 +205,77 @@ def test_stable_cascade_refines_with_the_text_conditioning_generation_used(score
     generation, stage2 = seen[0], seen[-1]
     assert len(seen) > steps and generation.shape == stage2.shape
     assert torch.allclose(stage2, generation, atol=1e-6)
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory):
+    """A LoRA for the tiny SD 1.5 UNet, made here with peft (random, non-zero up-projections) and
+    saved as diffusers' LoRA loaders read it."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    maker = tiny_pipeline("sd15", seed=0)
+    torch.manual_seed(7)
+    maker.unet.add_adapter(LoraConfig(r=4, lora_alpha=32, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(maker.unet))
+    return folder
+
+
+def _stage(pipe: DiffusionPipeline) -> torch.Tensor:
+    """One global image-to-image refine stage through the pipeline's refine backend."""
+    from grefine_hooks.refine.backends import StageRequest
+
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    request = StageRequest(image=image, prompt=PROMPT, negative_prompt=None, strength=0.6, num_inference_steps=4,
+                           generator=torch.Generator().manual_seed(1))
+    return pipe.refine_backend.run(request, None)
+
+
+def _diffusers_img2img(pipe: DiffusionPipeline) -> torch.Tensor:
+    """The same stage with diffusers' own image-to-image pipeline over ``pipe``'s modules."""
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img(PROMPT, image=image[None], strength=0.6, num_inference_steps=4, output_type="pt",
+                   generator=torch.Generator().manual_seed(1)).images[0]
+
+
+def test_lora_loaded_on_a_refined_pipeline_adapts_its_refine_stages(tiny_lora, scorer):
+    pipe = wrap(_pipe("sd15"), policy=REFINE_ALL, scorer=scorer)
+    without = _stage(pipe)
+    unadapted = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np",
+                         **tiny_call_kwargs("sd15", 4)).images
+
+    pipe.load_lora_weights(tiny_lora, adapter_name="tiny")
+    adapted = _stage(pipe)
+    with_lora = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np",
+                         **tiny_call_kwargs("sd15", 4)).images
+    effect = (adapted - without).abs().max()
+    assert effect > 1e-3  # the stage runs through the LoRA ...
+    plain = _pipe("sd15")
+    plain.load_lora_weights(tiny_lora, adapter_name="tiny")
+    assert torch.allclose(adapted, _diffusers_img2img(plain).float(), atol=1e-5)  # ... as diffusers' img2img does
+
+    pipe.set_adapters(["tiny"], adapter_weights=[0.5])
+    half = _stage(pipe)
+    assert (half - adapted).abs().max() > effect / 10 and (half - without).abs().max() > effect / 10
+    plain.set_adapters(["tiny"], adapter_weights=[0.5])
+    assert torch.allclose(half, _diffusers_img2img(plain).float(), atol=1e-5)
+
+    pipe.set_adapters(["tiny"], adapter_weights=[1.0])
+    pipe.fuse_lora()
+    assert torch.allclose(_stage(pipe), adapted, atol=1e-5)  # fused weights, same adapted denoiser
+    pipe.unfuse_lora()
+
+    pipe.unload_lora_weights()  # (unfusing leaves float rounding in the weights, far below the LoRA's effect)
+    assert torch.allclose(_stage(pipe), without, atol=1e-5)  # undone for refinement ...
+    output = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **tiny_call_kwargs("sd15", 4))
+    remaining = np.abs(output.images - unadapted).max()
+    assert remaining < np.abs(with_lora - unadapted).max() / 10  # ... and for generation
+    assert output.quality[0].decision == "refined"
