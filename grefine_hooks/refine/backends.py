@@ -150,7 +150,7 @@ def _accepted(function: Any, arguments: dict[str, Any]) -> dict[str, Any]:
 
 def _embedding_arguments(function: Any, request: StageRequest) -> dict[str, Any]:
     """The request's prompt embeddings for ``function``; one it does not take is an error, since
-    dropping it would condition the stage on something else than generation was."""
+    dropping it would condition the stage on other text than generation had."""
     parameters = inspect.signature(function).parameters
     refused = sorted(name for name in request.prompt_embeddings if name not in parameters)
     if refused:
