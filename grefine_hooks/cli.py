@@ -145,11 +145,16 @@ def _train_prompts(args: argparse.Namespace) -> int:
         seed=args.seed,
         missing=args.missing,
         device=_default_device(args.device),
+        patience=args.patience or None,
+        allow_worse=args.allow_worse,
     )
     if result.skipped:
         print(f"skipped {len(result.skipped)} missing image(s): {', '.join(result.skipped)}")
-    print(f"trained on {result.n_train} images, validated on {result.n_val}")
+    print(f"trained on {result.n_train} images, validated on {result.n_val}; "
+          f"kept epoch {result.best_epoch} of {result.epochs_run} run (best validation SRCC)")
     print(f"  SRCC {result.srcc_before:.3f} -> {result.srcc_after:.3f}")
+    if result.srcc_after < result.srcc_before:
+        print("  WARNING: these prompts validate worse than the starting ones (--allow-worse)")
     print(f"  PLCC {result.plcc_before:.3f} -> {result.plcc_after:.3f}")
     print(f"  alphas {', '.join(f'{alpha:.3f}' for alpha in result.alphas)}")
     print(f"wrote {result.path}")
@@ -239,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-prompts", metavar="FILE", help="start from this prompts file (same CLIP)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--missing", choices=("error", "skip"), default="error", help="listed images not found")
+    train.add_argument("--patience", type=int, default=20,
+                       help="stop after this many epochs without a better validation SRCC (0: never)")
+    train.add_argument("--allow-worse", action="store_true",
+                       help="write the best epoch even if it validates worse than the starting prompts")
     _add_clip_arguments(train, dtype=False)
     train.set_defaults(run=_train_prompts)
 

@@ -39,6 +39,7 @@ from diffusers import (
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines import auto_pipeline
 from diffusers.utils import BaseOutput
 
 from .errors import GenerationInterrupted
@@ -125,6 +126,7 @@ class RefineMixin:
             "the output gains ``.quality`` (one QualityRecord per image).\n\n" + (base.__call__.__doc__ or "")
         )
         cls.__call__ = __call__
+        _link_to_auto_pipelines(cls, base)
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -375,6 +377,8 @@ class RefineMixin:
         generators = _per_image(arguments.get("generator"), len(images))
         steps = arguments.get("num_inference_steps") or _call_default(self, "num_inference_steps")
         flagged = _per_image(getattr(result, "nsfw_content_detected", None), len(images))
+        embeddings = _prompt_embeddings_per_image(arguments, len(images))
+        unscored = [_alignment_unscored(prompts[i], embeddings[i]) for i in range(len(images))]
 
         valid = [i for i in range(len(images)) if self._check_image(images[i], flagged[i], records[i])]
         reports = self._score(images, valid, prompts, records)
@@ -388,9 +392,9 @@ class RefineMixin:
                 record.reason = "scored only: refinement off for this call"
                 continue
             if not policy.needs_refinement(report.p, report.a):
-                record.reason = (
-                    f"p {report.p:.2f} >= {policy.p_threshold:.2f} and a {report.a:.2f} >= {policy.a_threshold:.2f}"
-                )
+                record.reason = f"p {report.p:.2f} >= {policy.p_threshold:.2f}"
+                if not unscored[i]:
+                    record.reason += f" and a {report.a:.2f} >= {policy.a_threshold:.2f}"
                 continue
             if self._scope.should_stop is not None and self._scope.should_stop():
                 record.reason = "not refined: stopped before refinement"
@@ -405,11 +409,18 @@ class RefineMixin:
                 call_kwargs={name: arguments[name] for name in REFINE_CALL_ARGUMENTS if name in arguments},
                 extras=self._image_extras(captured, i),
                 should_stop=self._scope.should_stop,
+                prompt_embeddings=embeddings[i],
             )
             refined = self._refine(report, request, record)
             if refined is not None:
                 final = final if final is not images else images.clone()
                 final[i] = refined.to(images.dtype)
+        for i in reports:
+            if unscored[i]:
+                # The scorer had no text: its a = 1 means nothing, and there was no prompt to emphasise.
+                record = records[i]
+                record.a_before = record.a_after = record.emphasized_prompt = None
+                record.reason = f"{record.reason}; {unscored[i]}"
         return final, [reports.get(i) for i in range(len(images))]
 
     def _record(self, index: int, prompt: str | None, negative: str | None, generator: Any,
@@ -552,9 +563,12 @@ def _legacy_stop_callback(
 
 
 def _requested_images(pipe: DiffusionPipeline, arguments: dict[str, Any]) -> int:
-    """How many images a call asked for: prompts times ``num_images_per_prompt``."""
-    prompt = arguments.get("prompt")
-    prompts = len(prompt) if isinstance(prompt, list) else 1
+    """How many images a call asked for: prompts (or rows of ``prompt_embeds``) times ``num_images_per_prompt``."""
+    prompt, embeds = arguments.get("prompt"), arguments.get("prompt_embeds")
+    if prompt is None and embeds is not None:
+        prompts = len(embeds)
+    else:
+        prompts = len(prompt) if isinstance(prompt, list) else 1
     return prompts * (arguments.get("num_images_per_prompt") or 1)
 
 
@@ -564,6 +578,21 @@ def diffusers_base(cls: type) -> type:
         if issubclass(base, DiffusionPipeline) and base.__module__.startswith("diffusers."):
             return base
     raise TypeError(f"{cls.__name__} does not extend a diffusers pipeline")
+
+
+def _link_to_auto_pipelines(cls: type, base: type) -> None:
+    """Lets ``AutoPipelineFor*.from_pipe`` find ``cls``'s task pipelines as it finds ``base``'s.
+
+    AutoPipeline looks a pipeline's class *name* up in each of its mappings to learn its model
+    name (``"stable-diffusion"``), then takes that model's inpaint / image-to-image / text-to-image
+    class. One more mapping naming ``cls`` under ``base``'s model name makes the first look-up
+    succeed; diffusers' own mappings are left as they are.
+    """
+    for mapping in list(auto_pipeline.SUPPORTED_TASKS_MAPPINGS):
+        for model_name, pipeline_class in mapping.items():
+            if pipeline_class is base:
+                auto_pipeline.SUPPORTED_TASKS_MAPPINGS.append({model_name: cls})
+                return
 
 
 def _resolvable(library: str, class_name: str) -> bool:
@@ -597,6 +626,39 @@ def _per_image(value: Any, count: int) -> list[Any]:
         return [None] * count
     repeat = count // len(values)
     return [values[i // repeat] for i in range(count)]
+
+
+def _is_prompt_embedding(argument: str) -> bool:
+    """Whether a ``__call__`` argument carries the encoded prompt: ``prompt_embeds``,
+    ``pooled_prompt_embeds``, ``prompt_embeds_pooled``, ``prompt_attention_mask``, their negatives...
+    (``ip_adapter_image_embeds`` encodes an image, not the prompt)."""
+    return "prompt_embeds" in argument or "prompt_attention_mask" in argument
+
+
+def _prompt_embeddings_per_image(arguments: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """Each output image's rows of the call's prompt embeddings, each a batch of one, by argument name.
+
+    diffusers takes one row per prompt and repeats it ``num_images_per_prompt`` times, in order, so
+    image ``i`` of ``count`` has row ``i * rows // count``.
+    """
+    given = {name: value for name, value in arguments.items() if _is_prompt_embedding(name) and value is not None}
+    per_image = []
+    for i in range(count):
+        rows = {}
+        for name, value in given.items():
+            row = i * len(value) // count
+            rows[name] = value[row : row + 1]
+        per_image.append(rows)
+    return per_image
+
+
+def _alignment_unscored(prompt: str | None, embeddings: dict[str, Any]) -> str:
+    """Why an image's alignment cannot be scored (it needs prompt text), or "" when it can."""
+    if prompt is not None and prompt.strip():
+        return ""
+    if embeddings:
+        return "alignment not scored: the prompt came as embeddings (prompt_embeds), not text"
+    return "alignment not scored: empty prompt"
 
 
 def _images_of(result: Any) -> Any:

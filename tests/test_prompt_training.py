@@ -6,7 +6,7 @@ too, but a random-weight ViT cannot see them: its patch embedding is linear and 
 out the patch energy, so a ridge probe on its global features predicts their levels no better than
 chance (leave-one-scene-out SRCC 0.24 for blur, 0.00 for JPEG), while noise is partly visible
 (0.42) and exposure and saturation plainly (about 0.95). Training can only be tested on what the
-encoder sees. Measured with seed 0: validation SRCC 0.37 -> 0.76, PLCC 0.38 -> 0.82.
+encoder sees. Measured with seed 0: validation SRCC 0.37 -> 0.78 (the best epoch, 99 of 100).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from grefine_hooks.testing import TINY_CLIP_NAME, save_tiny_clip, tiny_clip
 
 SIZE = 64
 LEVELS = 4
-# Measured with seed 0: validation SRCC 0.37 before, 0.76 after; PLCC 0.38 -> 0.82.
+# Measured with seed 0: validation SRCC 0.37 before, 0.78 after (best epoch 99 of 100).
 SRCC_GAIN = 0.3
 TRAINING = {"epochs": 100, "lr": 2e-3, "val_split": 0.25, "seed": 0, "progress": False}
 
@@ -117,7 +117,8 @@ def trained(rated, tiny_clip_parts, tmp_path_factory):
 
 def _train(rated, tiny_clip_parts, out, ratings=None, **overrides):
     model, preprocess, tokenizer = tiny_clip_parts
-    settings = {**TRAINING, "epochs": 2, **overrides}
+    # Runs of an epoch or two test other things; such a run may validate worse than its start.
+    settings = {**TRAINING, "epochs": 2, "allow_worse": True, **overrides}
     return train_quality_prompts(
         ratings or rated["ratings"], rated["dir"], out, clip=TINY_CLIP_NAME, pretrained="seed0",
         model=model, preprocess=preprocess, tokenizer=tokenizer, **settings,
@@ -205,8 +206,9 @@ def test_same_seed_same_tensors_other_seed_other_tensors(rated, tiny_clip_parts,
 
 
 def test_factor_columns_supervise_their_factors(rated, tiny_clip_parts, tmp_path):
-    """Supervised, each factor's probability moves to its column: MSE measured 0.068 -> 0.025
-    (technical) and 0.150 -> 0.074 (naturalness) against training on MOS alone."""
+    """Supervised, each factor's probability moves to its column: MSE measured 0.281 -> 0.121
+    (technical) and 0.134 -> 0.083 (naturalness) against training on MOS alone, 100 epochs each
+    without early stopping (the supervised run's best validation epoch is its last)."""
     model, preprocess, tokenizer = tiny_clip_parts
     names = [row[0] for row in rated["rows"]]
     columns = {"technical": 2, "naturalness": 4}
@@ -222,8 +224,9 @@ def test_factor_columns_supervise_their_factors(rated, tiny_clip_parts, tmp_path
 
     epochs = TRAINING["epochs"]
     factors = rated["factors"]
-    plain = _train(rated, tiny_clip_parts, tmp_path / "plain.safetensors", factors, epochs=epochs)
-    supervised = _train(rated, tiny_clip_parts, tmp_path / "f.safetensors", factors, use_factors=True, epochs=epochs)
+    plain = _train(rated, tiny_clip_parts, tmp_path / "plain.safetensors", factors, epochs=epochs, patience=None)
+    supervised = _train(rated, tiny_clip_parts, tmp_path / "f.safetensors", factors, use_factors=True, epochs=epochs,
+                        patience=None)
     assert plain.factors_supervised == []
     assert supervised.factors_supervised == ["technical", "naturalness"]
     metadata = load_learned_prompts(supervised.path).metadata
@@ -320,7 +323,7 @@ def test_cli_trains_then_scores_with_the_file(rated, tiny_clip_parts, tmp_path, 
     clip = ["--clip", f"local-dir:{clip_dir}", "--device", "cpu"]
     code = main(
         ["train-prompts", "--ratings", str(rated["ratings"]), "--images", str(rated["dir"]), "--out", str(out),
-         "--epochs", "3", "--val-split", "0.25", "--seed", "0", *clip]
+         "--epochs", "3", "--val-split", "0.25", "--seed", "0", "--allow-worse", *clip]
     )
     printed = capsys.readouterr().out
     assert code == 0, printed

@@ -50,6 +50,9 @@ class StageRequest:
         refinement (guidance scale, ...). extras: what the family captured during generation.
         should_stop: asked after every denoiser step; True interrupts the stage, which then raises
         `StageInterrupted` instead of returning a half-denoised image.
+        prompt_embeddings: the caller's encoded prompt instead of text (``prompt_embeds``,
+        ``pooled_prompt_embeds``, attention masks, negatives, ... by diffusers' argument name),
+        this image's rows as a batch of one; every stage conditions on them as generation did.
     """
 
     image: torch.Tensor
@@ -61,6 +64,7 @@ class StageRequest:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     should_stop: Callable[[], bool] | None = None
+    prompt_embeddings: dict[str, Any] = field(default_factory=dict)
 
 
 class StageInterrupted(Exception):
@@ -144,6 +148,17 @@ def _accepted(function: Any, arguments: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in arguments.items() if name in parameters and value is not None}
 
 
+def _embedding_arguments(function: Any, request: StageRequest) -> dict[str, Any]:
+    """The request's prompt embeddings for ``function``; one it does not take is an error, since
+    dropping it would condition the stage on other text than generation had."""
+    parameters = inspect.signature(function).parameters
+    refused = sorted(name for name in request.prompt_embeddings if name not in parameters)
+    if refused:
+        owner = getattr(function, "__qualname__", repr(function))
+        raise ValueError(f"{owner} takes no {', '.join(refused)}: cannot refine with the call's prompt embeddings")
+    return dict(request.prompt_embeddings)
+
+
 class DiffusersBackend(RefineBackend):
     """diffusers' own inpaint and image-to-image pipelines over the generator's modules."""
 
@@ -178,7 +193,8 @@ class DiffusersBackend(RefineBackend):
             arguments.update(mask_image=mask[None, None], height=height, width=width)
         if request.should_stop is not None:
             arguments["callback_on_step_end"] = stop_callback(request.should_stop)
-        output = stage(**_accepted(stage.__call__, arguments))
+        arguments = {**_accepted(stage.__call__, arguments), **_embedding_arguments(stage.__call__, request)}
+        output = stage(**arguments)
         if getattr(stage, "_interrupt", False):
             raise StageInterrupted
         return output.images[0].float()
@@ -226,6 +242,7 @@ class PixArtDenoiser:
             device=self.device,
             clean_caption=False,
             max_sequence_length=max_length,
+            **_embedding_arguments(self.pipe.encode_prompt, request),
         )
         if guided:
             embeds, mask = torch.cat([negative_embeds, embeds]), torch.cat([negative_mask, mask])
@@ -298,14 +315,18 @@ class CascadeDenoiser:
         return scheduler.timesteps[:-1]
 
     def conditioning(self, request: StageRequest) -> dict[str, Any]:
+        """The decoder's text conditioning as the combined pipeline gives it: the prior's encoding
+        of the prompt (or the caller's embeddings), not the decoder's own text encoder."""
         guided = self.guidance_scale > 1.0
-        _, pooled, _, negative_pooled = self.pipe.decoder_pipe.encode_prompt(
+        embeddings = _embedding_arguments(self.pipe.prior_pipe.encode_prompt, request)
+        _, pooled, _, negative_pooled = self.pipe.prior_pipe.encode_prompt(
             device=self.device,
             batch_size=1,
             num_images_per_prompt=1,
             do_classifier_free_guidance=guided,
             prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
+            negative_prompt=None if "negative_prompt_embeds" in embeddings else request.negative_prompt,
+            **embeddings,
         )
         effnet = request.extras["image_embeddings"][None].to(self.device, self.dtype)
         if guided:

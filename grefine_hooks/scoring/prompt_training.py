@@ -58,7 +58,13 @@ MIN_IMAGES = 10
 PAIR_NAMES = ("Good photo.", "Bad photo.")
 DEFAULT_N_CTX = 16
 MISSING_POLICIES = ("error", "skip")
+#: Epochs without a better validation SRCC before training stops.
+DEFAULT_PATIENCE = 20
 _ENCODE_BATCH = 32
+
+
+class PromptsNotImproved(ValueError):
+    """No training epoch validated as well as the starting prompts; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ class TrainingResult:
         skipped (`list[str]`): listed images that were not found.
         factors_supervised (`list[str]`): factor columns used as targets.
         data_sha256 (`str`): hash of the ratings rows and image bytes.
+        best_epoch (`int`): the epoch whose prompts were saved (the best validation SRCC).
+        epochs_run (`int`): epochs trained before early stopping (or ``epochs``).
     """
 
     path: Path
@@ -117,6 +125,8 @@ class TrainingResult:
     skipped: list[str]
     factors_supervised: list[str]
     data_sha256: str
+    best_epoch: int = 0
+    epochs_run: int = 0
 
 
 def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
@@ -414,6 +424,8 @@ def train_quality_prompts(
     missing: str = "error",
     device: str | torch.device | None = None,
     progress: bool = True,
+    patience: int | None = DEFAULT_PATIENCE,
+    allow_worse: bool = False,
 ) -> TrainingResult:
     """Learns PQ-Map prompts from rated images on a frozen CLIP and saves them to ``out``.
 
@@ -431,6 +443,13 @@ def train_quality_prompts(
     gradient, at every step and saved as the file's ``alphas``, so the scorer computes the very
     ``p`` that was trained. Since MOS is min-max normalised, ``p = 0.5`` means the middle of the
     file's rating range.
+
+    After every epoch the prompts are scored on the validation split; the epoch with the best SRCC
+    (PLCC breaking ties; with ``use_factors``, the SRCC of ``p`` with MOS averaged with each
+    supervised factor's with its column) is the one saved, as the authors released a ``net_best``
+    checkpoint, and training stops once ``patience`` epochs in a row did not improve on it. If
+    even that epoch validates worse than the starting prompts, nothing is written
+    (`PromptsNotImproved`) unless ``allow_worse``.
 
     Args:
         ratings (`str`, `Path` or `RatedImages`): CSV with ``image,mos`` and optionally ``technical``,
@@ -457,6 +476,14 @@ def train_quality_prompts(
         missing (`str`, defaults to `"error"`): ``"error"`` or ``"skip"`` listed images not found.
         device (*optional*): where to run; defaults to the model's own.
         progress (`bool`, defaults to `True`): show tqdm progress bars.
+        patience (`int`, *optional*, defaults to `20`): epochs without a better validation SRCC
+            before stopping; None trains all ``epochs``.
+        allow_worse (`bool`, defaults to `False`): write the best epoch even when it validates
+            worse than the starting prompts (with a warning).
+
+    Raises:
+        PromptsNotImproved: no epoch reached the starting prompts' validation SRCC (and
+            ``allow_worse`` is False); ``out`` is not written.
 
     Returns:
         A `TrainingResult`; the file's metadata also records the CLIP, ``n_ctx``, ``data_sha256``,
@@ -466,6 +493,8 @@ def train_quality_prompts(
         raise ValueError(f"val_split must be in (0, 1), got {val_split}")
     if epochs < 1 or batch_size < 2 or not lr > 0:
         raise ValueError(f"epochs must be >= 1, batch_size >= 2 and lr > 0; got {epochs}, {batch_size}, {lr}")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
     if model is not None and (clip is None or pretrained is None):
         raise ValueError("with model=, pass clip= and pretrained= naming it; they are recorded in the prompts file")
     names = (clip or "ViT-B-16", pretrained or "openai")
@@ -488,21 +517,29 @@ def train_quality_prompts(
     features = encode_rated_images(scorer, data.paths, progress)
     targets = data.targets.to(scorer.device)
 
-    def evaluate(ctx: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    def evaluate(ctx: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+        """Thresholds, validation SRCC and PLCC of ``p`` with MOS, and the SRCC epochs are ranked
+        by: that of ``p``, averaged with each supervised factor's (what training fits)."""
         with torch.no_grad():
             probabilities = _factor_probabilities(model, start, ctx, features, logit_scale)
         alphas = _thresholds(probabilities[train])
         p = _score(probabilities[val], alphas).cpu().numpy()
         mos = targets[val, 0].cpu().numpy()
-        return alphas, spearman(p, mos), pearson(p, mos)
+        srcc = spearman(p, mos)
+        fitted = [srcc] + [
+            spearman(probabilities[val, i].cpu().numpy(), targets[val, i].cpu().numpy()) for i in factor_indices
+        ]
+        return alphas, srcc, pearson(p, mos), float(np.mean([_comparable(value) for value in fitted]))
 
-    _, srcc_before, plcc_before = evaluate(start.ctx)
+    _, srcc_before, plcc_before, ranked_before = evaluate(start.ctx)
     ctx = torch.nn.Parameter(start.ctx.clone())
     optimizer = torch.optim.Adam([ctx], lr=lr)
     train_features, train_targets = features[train], targets[train]
     batches = math.ceil(len(train) / batch_size)
-    bar = tqdm(range(epochs), desc="training prompts", disable=not progress)
-    for _ in bar:
+    best: tuple[tuple[float, float], int, torch.Tensor, torch.Tensor] | None = None
+    epochs_run = 0
+    bar = tqdm(range(1, epochs + 1), desc="training prompts", disable=not progress)
+    for epoch in bar:
         for batch in torch.randperm(len(train), generator=generator).tensor_split(batches):
             # One text forward per step; all training images share it, so the thresholds see them all.
             probabilities = _factor_probabilities(model, start, ctx, train_features, logit_scale)
@@ -511,8 +548,32 @@ def train_quality_prompts(
             optimizer.zero_grad()
             loss.backward(inputs=[ctx])  # the CLIP stays frozen: no gradient reaches its weights
             optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    alphas, srcc_after, plcc_after = evaluate(ctx.detach())
+        epochs_run = epoch
+        epoch_alphas, srcc, plcc, ranked = evaluate(ctx.detach())
+        key = (ranked, _comparable(plcc))
+        if best is None or key > best[0]:
+            best = (key, epoch, ctx.detach().clone(), epoch_alphas)
+        bar.set_postfix(loss=f"{loss.item():.4f}", val_srcc=f"{srcc:.3f}", best_epoch=best[1])
+        if patience is not None and epoch - best[1] >= patience:
+            break
+    (ranked_after, _), best_epoch, best_ctx, alphas = best
+    _, srcc_after, plcc_after, _ = evaluate(best_ctx)
+
+    summary = (
+        f"validation SRCC {srcc_before:.3f} with the starting prompts, {srcc_after:.3f} at the best epoch "
+        f"({best_epoch} of {epochs_run} run)"
+    )
+    if supervised:
+        summary += f"; mean SRCC with the factor columns {ranked_before:.3f} -> {ranked_after:.3f}"
+    if ranked_after < ranked_before:
+        if not allow_worse:
+            raise PromptsNotImproved(
+                f"training did not improve the prompts: {summary}; {str(out)!r} was not written. Keep the "
+                "starting prompts, or pass allow_worse=True (--allow-worse) to write the best epoch anyway"
+            )
+        logger.warning("writing prompts that validate worse than the starting ones (allow_worse): %s", summary)
+    else:
+        logger.info("prompts trained: %s", summary)
 
     alpha_values = tuple(alphas.tolist())
     metadata = {
@@ -536,10 +597,14 @@ def train_quality_prompts(
                 "n_train": len(train),
                 "n_val": len(val),
                 "init_prompts": None if init_prompts is None else str(init_prompts),
+                "patience": patience,
+                "best_epoch": best_epoch,
+                "epochs_run": epochs_run,
+                "allow_worse": allow_worse,
             }
         ),
     }
-    trained = LearnedPrompts(start.prefix.cpu(), ctx.detach().cpu(), start.suffix.cpu(), metadata)
+    trained = LearnedPrompts(start.prefix.cpu(), best_ctx.cpu(), start.suffix.cpu(), metadata)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_learned_prompts(trained, out)
     return TrainingResult(
@@ -556,4 +621,11 @@ def train_quality_prompts(
         skipped=data.skipped,
         factors_supervised=supervised,
         data_sha256=data.sha256,
+        best_epoch=best_epoch,
+        epochs_run=epochs_run,
     )
+
+
+def _comparable(correlation: float) -> float:
+    """A correlation to rank epochs by: NaN (constant scores) ranks below every number."""
+    return -math.inf if math.isnan(correlation) else correlation

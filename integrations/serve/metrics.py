@@ -65,7 +65,8 @@ class ServiceMetrics:
                 self.stage_seconds.labels(stage="refine").observe(refine)
             if record.p_before is not None:
                 self.p.observe(record.p_before)
-                self.a.observe(record.a_before)
+                if record.a_before is not None:  # None: alignment not scored (no prompt text)
+                    self.a.observe(record.a_before)
                 with self._lock:
                     self._scored += 1
                     self._refining += record.decision in REFINE_DECISIONS
