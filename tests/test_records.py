@@ -7,6 +7,7 @@ The sink contract tests run for every sink: JSONL, SQLite and a real PostgreSQL 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -518,20 +519,32 @@ def test_path_under_a_regular_file_names_the_path(tmp_path, suffix):
     assert blocker.read_text() == "keep me"
 
 
+@contextlib.contextmanager
+def _unwritable(directory: Path):
+    """Mode 0555, and for root (CI) the immutable attribute too: root ignores the mode bits."""
+    directory.chmod(0o555)
+    immutable = os.geteuid() == 0
+    if immutable:
+        subprocess.run(["chattr", "+i", str(directory)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(directory)], check=True, capture_output=True)
+        directory.chmod(0o755)
+
+
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_read_only_directory_names_the_path(tmp_path, suffix):
     directory = tmp_path / "read-only"
     directory.mkdir()
-    directory.chmod(0o555)
-    try:
-        if os.access(directory, os.W_OK):
-            pytest.skip("running as root: a mode-0555 directory is still writable (os.access says so)")
-        path = directory / f"quality.{suffix}"
+    path = directory / f"quality.{suffix}"
+    with _unwritable(directory):
+        assert not os.access(directory, os.W_OK)
         with pytest.raises(PermissionError) as error:
             QualityLog(path)
-        assert str(path) in str(error.value)
-    finally:
-        directory.chmod(0o755)
+    assert str(path) in str(error.value)
+    assert list(directory.iterdir()) == []
 
 
 def test_corrupted_sqlite_file_is_refused_untouched(tmp_path):
