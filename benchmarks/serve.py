@@ -15,6 +15,7 @@ service's own cost, not the refiner's (``overhead.py`` measures that)::
 
     python benchmarks/serve.py                                   # SD 1.5, CPU proxy (128 px, 4 steps)
     python benchmarks/serve.py --device cuda --dtype float16 --size 512 --steps 30
+    python benchmarks/serve.py --tiny --size 64                  # the suite's tiny models: minutes
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from _common import (
     table,
 )
 
-from grefine_hooks import RefinePolicy, wrap
+from grefine_hooks import QualityScorer, RefinePolicy, wrap
 from grefine_hooks.loading import LoadedPipeline
 from grefine_integrations.serve import ImageService, ServiceConfig, create_app
 
@@ -77,14 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level and mode")
     parser.add_argument("--max-batch", type=int, default=4, help="images per call with micro-batching")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="micro-batching window")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny random models of the test suite instead of the published size: a fast "
+                             "run whose ratios bound the service's overhead from above")
     args = parser.parse_args(argv)
     check_size(args.family, args.size)
     quiet_libraries()
     set_threads(args.threads, args.device)
     dtype = dtype_of(args.dtype)
 
-    pipe = wrap(build_pipeline(args.family, args.seed, args.device, dtype), policy=SKIP_ALL,
-                scorer=build_scorer(args.seed, args.device, torch.float32 if args.device == "cpu" else dtype))
+    if args.tiny:  # the suite's tiny models: the service's own cost shows, the model's hardly
+        from grefine_hooks.testing import tiny_clip, tiny_pipeline
+
+        model, preprocess, tokenizer = tiny_clip(args.seed)
+        scorer = QualityScorer(model=model, preprocess=preprocess, tokenizer=tokenizer, device=args.device)
+        pipe = wrap(tiny_pipeline(args.family, seed=args.seed), policy=SKIP_ALL, scorer=scorer)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = wrap(build_pipeline(args.family, args.seed, args.device, dtype), policy=SKIP_ALL,
+                    scorer=build_scorer(args.seed, args.device, torch.float32 if args.device == "cpu" else dtype))
     kwargs = call_kwargs(args.family, args.size, args.steps)
     loaded = LoadedPipeline(pipe=pipe, scorer=pipe.scorer, family=args.family, model=f"random-{args.family}",
                             call_kwargs={k: v for k, v in kwargs.items() if k not in ("height", "width")})
@@ -100,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     body = {"prompt": args.prompt, "size": f"{args.size}x{args.size}", "seed": args.seed}
 
     print(machine_line(args.device, dtype))
-    print(f"{args.family} at published size, random weights, {args.size} px, {args.steps} steps; always-skip policy")
+    scale = "tiny test models" if args.tiny else "published size"
+    print(f"{args.family} at {scale}, random weights, {args.size} px, {args.steps} steps; always-skip policy")
 
     # 1. Overhead at concurrency 1: in-process and served calls alternate, medians compared.
     direct, served = Samples(), Samples()
