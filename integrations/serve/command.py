@@ -12,12 +12,13 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+from grefine_hooks.cli import FAMILIES  # the core CLI's choices; it imports no torch either
+
 from .loader import ModelSettings
 
 if TYPE_CHECKING:
     from .service import ServiceConfig
 
-FAMILIES = ("sd15", "sdxl", "pixart-alpha", "pixart-sigma", "cascade")
 _DTYPES = ("bfloat16", "float16", "float32")
 
 

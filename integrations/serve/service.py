@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from grefine_hooks import QualityLog, QualityRecord, RefinePolicy
@@ -605,5 +606,5 @@ def _deadline_error(ticket: Ticket, when: str) -> ServiceError:
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
-    array = (image.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
+    """A ``(3, H, W)`` image in [0, 1] as diffusers turns its own outputs into PIL images."""
+    return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(image[None].float().clamp(0, 1)))[0]
