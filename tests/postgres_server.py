@@ -13,10 +13,11 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from serving import free_port
 
 ADMIN = "grefine_admin"
 APP_USER = "grefine"
@@ -51,12 +52,6 @@ def _server_user() -> str | None:
     return "grefine-pg"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class PostgresServer:
     """initdb + pg_ctl in a temporary directory; ``stop()``/``start()`` simulate an outage."""
 
@@ -65,7 +60,7 @@ class PostgresServer:
         self.user = _server_user()
         self.root = Path(tempfile.mkdtemp(prefix="grefine-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.password = secrets.token_urlsafe(18)  # tests search every output for it
         if self.user is not None:
             shutil.chown(self.root, self.user)
