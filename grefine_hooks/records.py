@@ -451,7 +451,12 @@ class QualityLog:
         self.write_many([record])
 
     def write_many(self, records: Iterable[QualityRecord]) -> None:
-        """Appends records all together (one ``os.write`` / one transaction); on disk when this returns."""
+        """Appends records all together (one ``os.write`` / one transaction); on disk when this returns.
+
+        Retrying a failed call with the same records is safe: a failed JSONL append leaves nothing
+        behind, and a SQL log skips records it already holds unchanged (a commit that landed though
+        the caller saw an error) while refusing a different record under a logged ``record_id``.
+        """
         records = list(records)
         for record in records:
             if not isinstance(record, QualityRecord):

@@ -193,12 +193,38 @@ class SqlStore:
     # --- writing ----------------------------------------------------------------------------------
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Inserts record rows (columns of ``records`` but ``seq``) in one transaction."""
+        """Inserts record rows (columns of ``records`` but ``seq``) in one transaction.
+
+        A row stored already, byte for byte, is skipped: a write whose commit landed although the
+        caller saw an error (a connection lost at commit) is retried without failing forever. A
+        different row under a stored ``record_id`` is refused, and then nothing is written.
+        """
         _check_text(rows)
         try:
             with self._transaction() as connection:
                 connection.execute(sa.insert(RECORDS), list(rows))
         except exc.IntegrityError:
+            self._append_unstored(rows)
+
+    def _append_unstored(self, rows: Sequence[dict[str, Any]]) -> None:
+        """`append` once a record_id clashed: inserts the rows not stored yet, if the rest are identical."""
+        ids = [row["record_id"] for row in rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"quality log {self.name}: one write holds a record_id twice")
+        try:
+            with self._transaction() as connection:
+                query = sa.select(RECORDS.c.record_id, RECORDS.c.data).where(RECORDS.c.record_id.in_(ids))
+                stored = dict(connection.execute(query).all())
+                for row in rows:
+                    if stored.get(row["record_id"], row["data"]) != row["data"]:
+                        raise ValueError(
+                            f"quality log {self.name}: record_id {row['record_id']!r} is already logged "
+                            "with different content"
+                        )
+                unstored = [row for row in rows if row["record_id"] not in stored]
+                if unstored:
+                    connection.execute(sa.insert(RECORDS), unstored)
+        except exc.IntegrityError:  # another writer stored one of these ids meanwhile
             raise ValueError(f"quality log {self.name}: a record_id is already logged") from None
 
     def append_feedback(self, row: dict[str, Any]) -> None:

@@ -94,13 +94,19 @@ def test_newer_schema_in_postgres_meta_is_refused_on_open(postgres_url, postgres
     assert postgres_server.password not in everything_said(error.value)
 
 
-def test_duplicate_record_id_is_refused(postgres_url):
-    record = make_record()
+def test_retried_write_is_idempotent_and_a_clashing_record_id_refused(postgres_url):
+    record, other = make_record(), make_record(1)
     with QualityLog(postgres_url) as log:
         log.write(record)
-        with pytest.raises(ValueError, match="already logged"):
-            log.write_many([make_record(1), record])  # all or nothing
-        assert log.read() == [record]
+        log.write_many([other, record])  # a retry whose first commit had landed
+        assert log.read() == [record, other]
+        clash = make_record(2, record_id=other.record_id)
+        with pytest.raises(ValueError, match="already logged with different content"):
+            log.write_many([make_record(3), clash])  # all or nothing
+        with pytest.raises(ValueError, match="holds a record_id twice"):
+            twice = make_record(4)
+            log.write_many([twice, twice])
+        assert log.read() == [record, other]
 
 
 def test_a_database_with_other_tables_is_refused(postgres_server):

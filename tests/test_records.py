@@ -592,13 +592,17 @@ def test_closed_log_refuses_io(location, sink):
         log.read()
 
 
-def test_sqlite_refuses_a_duplicate_record_id(tmp_path):
-    record = make_record()
+def test_sqlite_retried_write_is_idempotent_and_a_clashing_record_id_refused(tmp_path):
+    record, other = make_record(), make_record(image_index=1)
     with QualityLog(tmp_path / "quality.sqlite") as log:
         log.write(record)
-        with pytest.raises(ValueError, match="already logged"):
-            log.write(record)
-        assert len(log.read()) == 1
+        # A retry of a write whose commit landed (the caller saw an error): stored once, the rest added.
+        log.write_many([record, other])
+        assert log.read() == [record, other]
+        clash = make_record(image_index=2, record_id=record.record_id)
+        with pytest.raises(ValueError, match="already logged with different content"):
+            log.write_many([make_record(image_index=3), clash])  # all or nothing
+        assert log.read() == [record, other]
 
 
 def test_coerce(tmp_path):
