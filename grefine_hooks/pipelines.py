@@ -44,7 +44,7 @@ from diffusers.utils import BaseOutput
 
 from .errors import GenerationInterrupted
 from .policy import RefinePolicy
-from .records import QualityLog, QualityRecord, assign_arm
+from .records import QualityLog, QualityRecord, assign_arm, check_key_text
 from .refine.backends import RefineBackend, StageRequest, backend_for, progress_bar_config
 from .refine.refiner import RefinementInterrupted, Refiner
 from .scoring.scorer import QualityReport, QualityScorer
@@ -177,7 +177,8 @@ class RefineMixin:
 
     @run_id.setter
     def run_id(self, value: str) -> None:
-        self._run_id = value
+        # Checked here, not when the first record is built after a whole generation.
+        self._run_id = check_key_text("run_id", value)
 
     def to_json_string(self) -> str:
         """Saved configs name the diffusers class, so a saved folder loads with plain diffusers.

@@ -150,9 +150,7 @@ class QualityRecord:
         """Checks every field; run again before serialising, since a record can be edited after creation."""
         _check_schema_version(self.schema_version)
         for name in ("run_id", "record_id", "pipeline_class"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+            check_key_text(name, getattr(self, name))
         _check_created_at(self.created_at)
         if self.arm not in ARMS:
             raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
@@ -307,6 +305,15 @@ def feedback_score(value: Any) -> float:
         return _unit("score", value)
     except ValueError:
         raise ValueError(f"score must be 'up', 'down' or a number in [0, 1], got {value!r}") from None
+
+
+def check_key_text(name: str, value: Any) -> str:
+    """A field every sink stores as its own text column: non-empty, and no NUL (PostgreSQL text cannot hold one)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if "\x00" in value:
+        raise ValueError(f"{name} must not contain NUL characters, got {value!r}")
+    return value
 
 
 def assign_arm(run_id: str, prompt: str | None, seed: int | None, image_index: int, ab_split: float) -> str:

@@ -370,6 +370,8 @@ def test_bad_wrap_arguments(scorer):
         wrap(_pipe("sd15"), quality_log=42)
     with pytest.raises(ValueError, match="suffix"):
         wrap(_pipe("sd15"), quality_log="quality.txt")
+    with pytest.raises(ValueError, match="run_id"):
+        wrap(_pipe("sd15")).configure_refinement(run_id="run\x00a")
 
 
 def test_pil_outputs_are_images(scorer):

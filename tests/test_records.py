@@ -210,6 +210,8 @@ def test_numpy_numbers_are_stored_as_plain_numbers():
         ("image_index", 1.0),
         ("seed", True),
         ("run_id", ""),
+        ("run_id", "run\x00a"),  # a SQL log could never store it: refused when built, not at every retry
+        ("record_id", "id\x00"),
         ("created_at", "2026-01-02T03:04:05"),  # naive
         ("created_at", "2026-01-02T03:04:05Z"),  # no microseconds
         ("created_at", "2026-01-02T04:04:05.000000+01:00"),  # not UTC
