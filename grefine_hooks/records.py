@@ -209,21 +209,7 @@ class QualityRecord:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> QualityRecord:
         """Rebuilds a record; unknown or missing fields and newer schema versions are errors."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"a QualityRecord is a JSON object, got {type(values).__name__}")
-        # A newer writer may have added fields: say so before complaining about them.
-        _check_schema_version(values.get("schema_version", SCHEMA_VERSION))
-        known = {item.name for item in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown QualityRecord field(s) {unknown}")
-        missing = sorted(
-            item.name for item in fields(cls)
-            if item.name not in values and item.default is MISSING and item.default_factory is MISSING
-        )
-        if missing:
-            raise ValueError(f"QualityRecord is missing required field(s) {missing}")
-        return cls(**values)
+        return _from_fields(cls, values, _check_schema_version, SCHEMA_VERSION)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> QualityRecord:
@@ -277,16 +263,25 @@ class Feedback:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Feedback:
         """Rebuilds feedback; unknown or missing fields and newer schema versions are errors."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"a Feedback is a JSON object, got {type(values).__name__}")
-        _check_feedback_version(values.get("schema_version", FEEDBACK_SCHEMA_VERSION))
-        unknown = sorted(set(values) - {item.name for item in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown Feedback field(s) {unknown}")
-        missing = sorted({"record_id", "score"} - set(values))
-        if missing:
-            raise ValueError(f"Feedback is missing required field(s) {missing}")
-        return cls(**values)
+        return _from_fields(cls, values, _check_feedback_version, FEEDBACK_SCHEMA_VERSION)
+
+
+def _from_fields(cls: type, values: Any, check_version: Callable[[Any], None], current_version: int) -> Any:
+    """``cls(**values)`` for a dataclass read back from a log: the fields checked by name first."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"a {cls.__name__} is a JSON object, got {type(values).__name__}")
+    # A newer writer may have added fields: say so before complaining about them.
+    check_version(values.get("schema_version", current_version))
+    unknown = sorted(set(values) - {item.name for item in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+    missing = sorted(
+        item.name for item in fields(cls)
+        if item.name not in values and item.default is MISSING and item.default_factory is MISSING
+    )
+    if missing:
+        raise ValueError(f"{cls.__name__} is missing required field(s) {missing}")
+    return cls(**values)
 
 
 def feedback_score(value: Any) -> float:
