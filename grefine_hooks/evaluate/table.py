@@ -261,7 +261,8 @@ def _lower_better(metrics: Sequence[MetricColumn], name: str) -> bool:
 
 
 def _array(values: Sequence[float | None] | None) -> np.ndarray:
-    return np.array([math.nan if value is None else value for value in (values or ())], dtype=np.float64)
+    return np.array([math.nan if value is None else value for value in (() if values is None else values)],
+                    dtype=np.float64)
 
 
 def _number(value: float | None) -> str:
