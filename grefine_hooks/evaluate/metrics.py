@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -163,6 +164,9 @@ def load_metric(spec: str, device: Any = None, *, allow_downloads: bool = False)
     check_spec(spec)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        if spec in PYIQA_METRICS:
+            importlib.import_module("pyiqa")  # first, so that its downloader is refused too
+        importlib.import_module("huggingface_hub.constants")
         with contextlib.ExitStack() as stack:
             if not allow_downloads:
                 stack.enter_context(_offline())
@@ -208,12 +212,11 @@ def _offline() -> Iterator[None]:
     saved_env = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update({key: "1" for key in saved_env})
     patched: list[tuple[Any, str, Any]] = [(torch.hub, "download_url_to_file", refuse)]
-    try:
-        import huggingface_hub.constants as hub_constants
-
-        patched.append((hub_constants, "HF_HUB_OFFLINE", True))
-    except ImportError:
-        pass
+    # pyiqa binds torch.hub's downloader at import, and huggingface_hub reads its offline flag once.
+    for module_name, name, value in (("pyiqa.utils.download_util", "download_url_to_file", refuse),
+                                     ("huggingface_hub.constants", "HF_HUB_OFFLINE", True)):
+        if module_name in sys.modules:
+            patched.append((sys.modules[module_name], name, value))
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     for owner, name, value in patched:
         setattr(owner, name, value)
