@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--max-thumbnails", type=int, default=50, metavar="N", help="refined/reverted images shown (default 50)"
     )
+    report.add_argument("--evaluation", metavar="FILE", help="add the quality-gain table of grefine evaluate's evaluation.json")
     report.set_defaults(run=_report)
 
     doctor = commands.add_parser("doctor", help="check the scorer with the CLIP weights on disk (exit 3: a check failed)")
@@ -375,7 +376,14 @@ def _add_plugin_commands(commands: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(args.log, args.out, run_id=args.run_id, max_thumbnails=args.max_thumbnails)
+    evaluation = None
+    if args.evaluation is not None:
+        try:
+            evaluation = json.loads(Path(args.evaluation).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"cannot read --evaluation {args.evaluation!r}: {error}") from None
+    path = write_report(args.log, args.out, run_id=args.run_id, max_thumbnails=args.max_thumbnails,
+                        evaluation=evaluation)
     print(f"wrote {path}")
     return 0
 

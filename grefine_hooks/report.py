@@ -62,6 +62,7 @@ def write_report(
     *,
     run_id: str | None = None,
     max_thumbnails: int = DEFAULT_MAX_THUMBNAILS,
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """Renders the log at ``log_path`` (a file or a ``postgresql://`` URL; optionally one run) into ``out_path``.
 
@@ -81,13 +82,22 @@ def write_report(
     if not url and out_path.exists() and out_path.resolve() == log_path.resolve():
         raise ValueError(f"out {str(out_path)!r} is the quality log itself; choose another file")
     with QualityLog(log_path) as log:
-        page = render_report(log, run_id=run_id, max_thumbnails=max_thumbnails)
+        page = render_report(log, run_id=run_id, max_thumbnails=max_thumbnails, evaluation=evaluation)
     out_path.write_text(page, encoding="utf-8")
     return out_path
 
 
-def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS) -> str:
+def render_report(
+    log: QualityLog,
+    *,
+    run_id: str | None = None,
+    max_thumbnails: int = DEFAULT_MAX_THUMBNAILS,
+    evaluation: dict[str, Any] | None = None,
+) -> str:
     """The report of an open log as one HTML document; relative image paths are read from the log's directory.
+
+    ``evaluation`` (the document of ``grefine evaluate``'s ``evaluation.json``) adds its
+    quality-gain table as a section.
 
     The comparison table shows :meth:`QualityLog.compare`'s numbers as they are (seed 0), so the
     report and ``grefine ab`` never disagree.
@@ -127,6 +137,8 @@ def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails:
     parts += ["<h2>Refined and reverted images</h2>", _cards_section(compared, log.path, max_thumbnails)]
     if failed:
         parts += ["<h2>Failed refinements</h2>", _failed_section(failed, max_thumbnails)]
+    if evaluation is not None:
+        parts.append(evaluation_section(evaluation))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

@@ -349,3 +349,17 @@ def test_real_metric_scores_a_picture(name):
     scores = metric.score([image, image.rotate(90)], ["a colourful gradient", "a colourful gradient"])
     assert len(scores) == 2 and all(np.isfinite(scores))
     assert metric.lower_better == (name == "brisque")
+
+
+def test_report_adds_the_evaluation_section(evaluated, tmp_path, capsys):
+    from grefine_hooks import QualityLog
+
+    log = tmp_path / "quality.sqlite"
+    QualityLog(log).close()
+    page = tmp_path / "report.html"
+    evaluation = evaluated[0] / "evaluation.json"
+    assert main(["report", str(log), "--out", str(page), "--evaluation", str(evaluation)]) == 0
+    html = page.read_text(encoding="utf-8")
+    assert 'id="evaluation"' in html and 'data-method="always-refine"' in html
+    assert main(["report", str(log), "--out", str(page), "--evaluation", str(tmp_path / "none.json")]) == 2
+    assert "cannot read --evaluation" in capsys.readouterr().err

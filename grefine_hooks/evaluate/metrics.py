@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import os
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -178,10 +179,13 @@ def load_metric(spec: str, device: Any = None, *, allow_downloads: bool = False)
     except MetricLoadError:
         raise
     except Exception as error:  # a missing package, missing weights, a library's own failure
-        offline = not allow_downloads and spec in BUILTIN_METRICS and not isinstance(error, ImportError)
-        hint = " (loaded offline: are its weights in the local cache?)" if offline else ""
+        hint = ""
         if isinstance(error, ImportError) and spec in BUILTIN_METRICS:
-            hint = ' (pip install "grefine-hooks[eval]")'
+            package = getattr(error, "name", None)
+            hint = (' (pip install "grefine-hooks[eval]")' if package in ("pyiqa", "torchmetrics")
+                    else f" (the metric needs the package {package!r}: see README, 'Does it help on your model?')")
+        elif not allow_downloads and spec in BUILTIN_METRICS:
+            hint = " (loaded offline: are its weights in the local cache?)"
 
         raise MetricLoadError(f"{type(error).__name__}: {error}{hint}") from error
 
@@ -206,12 +210,21 @@ def _offline() -> Iterator[None]:
     """Hugging Face hub offline and ``torch.hub`` downloads refused, for the calls inside."""
     import torch.hub
 
-    def refuse(url: str, *args: Any, **kwargs: Any) -> None:
+    def refuse(url: Any, *args: Any, **kwargs: Any) -> None:
+        url = getattr(url, "full_url", url)  # urlopen may get a Request
         raise MetricLoadError(f"weights not in the local cache (would download {url}; pass allow_downloads)")
+
+    def refuse_request(session: Any, method: str, url: str, *args: Any, **kwargs: Any) -> None:
+        refuse(url)
 
     saved_env = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update({key: "1" for key in saved_env})
-    patched: list[tuple[Any, str, Any]] = [(torch.hub, "download_url_to_file", refuse)]
+    # torch.hub and OpenAI's clip package fetch through urllib; pyiqa's Google-Drive helper through requests.
+    patched: list[tuple[Any, str, Any]] = [
+        (torch.hub, "download_url_to_file", refuse), (urllib.request, "urlopen", refuse),
+    ]
+    if "requests" in sys.modules:
+        patched.append((sys.modules["requests"].Session, "request", refuse_request))
     # pyiqa binds torch.hub's downloader at import, and huggingface_hub reads its offline flag once.
     for module_name, name, value in (("pyiqa.utils.download_util", "download_url_to_file", refuse),
                                      ("huggingface_hub.constants", "HF_HUB_OFFLINE", True)):
