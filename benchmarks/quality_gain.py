@@ -27,10 +27,10 @@ def summarise(document: dict) -> str:
     """Per method: negatives on the mean, cost relative to the base, and each metric's change."""
     loaded = [metric for metric in document["metrics"] if metric["error"] is None]
     base_seconds = document["methods"]["base"]["seconds_per_image"]
-    lines = [f"{document['prompts']} prompt(s), {len(loaded)} metric(s) loaded of {len(document['metrics'])}"]
+    lines = [f"{document['prompts']} prompt(s), {len(loaded)} metric(s) scored of {len(document['metrics'])}"]
     for metric in document["metrics"]:
         if metric["error"] is not None:
-            lines.append(f"  not loaded: {metric['name']}: {metric['error']}")
+            lines.append(f"  not scored: {metric['name']}: {metric['error']}")
     for name, row in document["methods"].items():
         if name == "base":
             continue

@@ -203,7 +203,7 @@ def evaluation_section(evaluation: dict[str, Any]) -> str:
             f"<td>{_number(row['seconds_per_image'])}</td></tr>"
         )
     missing = "".join(
-        f'<li data-metric="{_text(metric["name"])}"><strong>{_text(metric["name"])}</strong>: not loaded: '
+        f'<li data-metric="{_text(metric["name"])}"><strong>{_text(metric["name"])}</strong>: not scored: '
         f"{_text(metric['error'])}</li>"
         for metric in metrics if metric["error"] is not None
     )
@@ -215,7 +215,7 @@ def evaluation_section(evaluation: dict[str, Any]) -> str:
         '<section id="evaluation"><h2>Quality gain over the base images</h2>'
         '<table id="evaluation-metrics"><thead><tr><th rowspan="2">method</th>' + header + "</tr>"
         f"<tr>{sub_header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-        '<table id="evaluation-summary"><thead><tr><th>method</th><th>negatives on mean</th>'
+        '<table id="evaluation-summary" style="margin-top: 12px"><thead><tr><th>method</th><th>negatives on mean</th>'
         "<th>significant</th><th>negatives per image</th><th>refine rate</th><th>s / image</th></tr></thead>"
         f"<tbody>{''.join(summary)}</tbody></table>"
         + (f'<ul id="evaluation-missing" class="warning">{missing}</ul>' if missing else "")

@@ -177,7 +177,7 @@ def test_missing_metrics_are_reported_not_dropped(evaluated):
     assert "could not load" in errors["musiq"]
     assert "grefine_no_such_module" in errors[MISSING]
     text = format_table(table)
-    assert f"musiq: NOT LOADED: {errors['musiq']}" in text
+    assert f"musiq: NOT SCORED: {errors['musiq']}" in text
     page = (out / "evaluation.html").read_text(encoding="utf-8")
     assert 'id="evaluation-missing"' in page and f'data-metric="{MISSING}"' in page
 
@@ -246,7 +246,7 @@ def test_negative_optimisation_count_on_a_constructed_case():
     assert refined.refine_rate == pytest.approx(2 / 3) and refined.seconds_per_image == pytest.approx(3.0)
     best = table.rows["best-of-2"]
     assert (best.negatives_on_mean, best.negatives_per_image) == (0, 0.0)
-    assert "gone" not in refined.cells and "gone: NOT LOADED: could not load: no weights" in format_table(table)
+    assert "gone" not in refined.cells and "gone: NOT SCORED: could not load: no weights" in format_table(table)
     assert 'data-metric="gone"' in evaluation_section(table.to_dict())
 
 
@@ -363,3 +363,18 @@ def test_report_adds_the_evaluation_section(evaluated, tmp_path, capsys):
     assert 'id="evaluation"' in html and 'data-method="always-refine"' in html
     assert main(["report", str(log), "--out", str(page), "--evaluation", str(tmp_path / "none.json")]) == 2
     assert "cannot read --evaluation" in capsys.readouterr().err
+
+
+def test_shipped_prompts_and_load_metrics():
+    from grefine_hooks.evaluate import default_prompts, load_metrics
+    from grefine_hooks.generate import read_prompts
+
+    prompts = read_prompts(default_prompts())
+    assert len(prompts) == 24 and len(set(prompts)) == 24
+    assert any(len(prompt.split()) > 25 for prompt in prompts)  # long descriptions among them
+    assert "EVAL_PROMPTS_NOTICE.md" in default_prompts().read_text(encoding="utf-8")
+    brightness = Metric("brightness", _brightness)
+    loaded, failed = load_metrics([brightness, MISSING])
+    assert loaded == [brightness] and list(failed) == [MISSING]
+    with pytest.raises(ValueError, match="given twice"):
+        load_metrics([brightness, Metric("brightness", _darkness)])

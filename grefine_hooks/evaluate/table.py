@@ -186,7 +186,7 @@ def format_table(table: EvaluationTable) -> str:
     for metric in table.metrics:
         arrow = "lower is better" if metric.lower_better else "higher is better"
         if metric.error is not None:
-            lines += ["", f"{metric.name}: NOT LOADED: {metric.error}"]
+            lines += ["", f"{metric.name}: NOT SCORED: {metric.error}"]
             continue
         lines += ["", f"{metric.name} ({metric.kind}, {arrow})", header]
         for method, row in table.rows.items():
