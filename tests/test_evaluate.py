@@ -9,7 +9,6 @@ the ``slow`` marker, each skipped with the reason it could not load.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
