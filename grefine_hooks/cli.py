@@ -1,5 +1,5 @@
-"""The grefine command line: score images, train quality prompts, generate in batch, report, A/B
-verdicts and feedback, doctor."""
+"""The grefine command line: score images, train quality prompts, generate in batch, evaluate the
+quality gain, report, A/B verdicts and feedback, doctor."""
 
 from __future__ import annotations
 
@@ -178,6 +178,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import DEFAULT_METRICS, EvaluateConfig, EvaluateJob
+
+    config = EvaluateConfig(
+        out=args.out, prompts=args.prompts, family=args.family, model=args.model, tiny=args.tiny,
+        policy=args.policy, seed=args.seed, steps=args.steps, device=args.device, dtype=_dtype(args.dtype),
+        quality_prompts=args.quality_prompts, clip=args.clip, pretrained=args.pretrained,
+        metrics=args.metric or list(DEFAULT_METRICS), allow_downloads=args.allow_downloads,
+        n_resamples=args.resamples,
+    )
+    with EvaluateJob(config) as job:  # checks every input before any model is loaded
+        table = job.run(echo=not args.json)
+    if args.json:
+        print(json.dumps(table.to_dict(), indent=2))
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import run_doctor
     from .generate import load_policy
@@ -277,6 +294,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--tiny", action="store_true", help="offline tiny random-weight models (no --model)")
     generate.set_defaults(run=_generate)
 
+    evaluate = commands.add_parser(
+        "evaluate", help="quality gain on your model: base, G-Refine, always-refine and best-of-2 under independent metrics"
+    )
+    evaluate.add_argument("--model", help="hub id or folder of the pipeline (not with --tiny)")
+    evaluate.add_argument("--family", choices=FAMILIES, help="checked against the model's model_index.json (--tiny: sd15)")
+    evaluate.add_argument("--tiny", action="store_true", help="offline tiny random-weight models (no --model)")
+    evaluate.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: the shipped 24 prompts)")
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="images, scores and the table go here")
+    evaluate.add_argument("--policy", metavar="FILE", help="G-Refine's RefinePolicy as a JSON object")
+    evaluate.add_argument(
+        "--metric", action="append", metavar="NAME|MODULE:FUNCTION",
+        help="a metric (repeat for several): clipiqa, musiq, liqe, topiq, qalign, brisque, clipscore, imagereward, "
+             "pickscore, hpsv2, or an importable (images, prompts) -> scores callable (default: all built-in ones)",
+    )
+    evaluate.add_argument("--allow-downloads", action="store_true", help="let metric libraries download missing weights")
+    evaluate.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed S + i")
+    evaluate.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
+    evaluate.add_argument("--device", help="torch device (default: the process's accelerate device)")
+    evaluate.add_argument("--dtype", choices=_DTYPES, help="pipeline dtype (default: float16 on CUDA)")
+    evaluate.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
+    evaluate.add_argument("--clip", default="ViT-B-16", help="the scorer's open_clip model or local-dir:FOLDER")
+    evaluate.add_argument("--pretrained", default="openai", help="the scorer's open_clip weights tag or file")
+    evaluate.add_argument("--resamples", type=int, default=9999, metavar="N", help="bootstrap resamples (default 9999)")
+    evaluate.add_argument("--json", action="store_true", help="also print the table as one JSON document")
+    evaluate.set_defaults(run=_evaluate)
+
     report = commands.add_parser("report", help="write a self-contained HTML A/B report of a quality log")
     report.add_argument("log", metavar="LOG", help=f"quality log, {_LOG_FORMATS}")
     report.add_argument("--out", required=True, metavar="FILE", help="HTML file to write")
@@ -284,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--max-thumbnails", type=int, default=50, metavar="N", help="refined/reverted images shown (default 50)"
     )
+    report.add_argument("--evaluation", metavar="FILE", help="add the quality-gain table of grefine evaluate's evaluation.json")
     report.set_defaults(run=_report)
 
     doctor = commands.add_parser("doctor", help="check the scorer with the CLIP weights on disk (exit 3: a check failed)")
@@ -332,7 +376,14 @@ def _add_plugin_commands(commands: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(args.log, args.out, run_id=args.run_id, max_thumbnails=args.max_thumbnails)
+    evaluation = None
+    if args.evaluation is not None:
+        try:
+            evaluation = json.loads(Path(args.evaluation).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"cannot read --evaluation {args.evaluation!r}: {error}") from None
+    path = write_report(args.log, args.out, run_id=args.run_id, max_thumbnails=args.max_thumbnails,
+                        evaluation=evaluation)
     print(f"wrote {path}")
     return 0
 

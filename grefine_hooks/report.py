@@ -62,6 +62,7 @@ def write_report(
     *,
     run_id: str | None = None,
     max_thumbnails: int = DEFAULT_MAX_THUMBNAILS,
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """Renders the log at ``log_path`` (a file or a ``postgresql://`` URL; optionally one run) into ``out_path``.
 
@@ -81,13 +82,22 @@ def write_report(
     if not url and out_path.exists() and out_path.resolve() == log_path.resolve():
         raise ValueError(f"out {str(out_path)!r} is the quality log itself; choose another file")
     with QualityLog(log_path) as log:
-        page = render_report(log, run_id=run_id, max_thumbnails=max_thumbnails)
+        page = render_report(log, run_id=run_id, max_thumbnails=max_thumbnails, evaluation=evaluation)
     out_path.write_text(page, encoding="utf-8")
     return out_path
 
 
-def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS) -> str:
+def render_report(
+    log: QualityLog,
+    *,
+    run_id: str | None = None,
+    max_thumbnails: int = DEFAULT_MAX_THUMBNAILS,
+    evaluation: dict[str, Any] | None = None,
+) -> str:
     """The report of an open log as one HTML document; relative image paths are read from the log's directory.
+
+    ``evaluation`` (the document of ``grefine evaluate``'s ``evaluation.json``) adds its
+    quality-gain table as a section.
 
     The comparison table shows :meth:`QualityLog.compare`'s numbers as they are (seed 0), so the
     report and ``grefine ab`` never disagree.
@@ -127,8 +137,99 @@ def render_report(log: QualityLog, *, run_id: str | None = None, max_thumbnails:
     parts += ["<h2>Refined and reverted images</h2>", _cards_section(compared, log.path, max_thumbnails)]
     if failed:
         parts += ["<h2>Failed refinements</h2>", _failed_section(failed, max_thumbnails)]
+    if evaluation is not None:
+        parts.append(evaluation_section(evaluation))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def render_evaluation_page(evaluation: dict[str, Any]) -> str:
+    """A self-contained HTML page of a ``grefine evaluate`` table (``evaluation.json``'s document)."""
+    settings = evaluation.get("settings", {})
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>G-Refine quality gain: {_text(settings.get('model', ''))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>G-Refine quality gain</h1>",
+        f'<p class="meta">Model <code>{_text(settings.get("model", "?"))}</code> &middot; '
+        f"{evaluation['prompts']} prompt(s) &middot; seed {settings.get('seed', '?')} &middot; generated {_text(_now())}</p>",
+        evaluation_section(evaluation),
+        "</body></html>",
+    ]) + "\n"
+
+
+def evaluation_section(evaluation: dict[str, Any]) -> str:
+    """The quality-gain table of ``grefine evaluate`` (its JSON document) as an HTML section.
+
+    One table per metric group: each method's mean, its change from the base images with the
+    interval, the share of images made worse; then negative optimisations, refine rate and cost.
+    A metric that did not load is listed with its reason, never left out.
+    """
+    metrics, methods = evaluation["metrics"], evaluation["methods"]
+    level = f"{100 * evaluation['confidence']:g}%"
+    loaded = [metric for metric in metrics if metric["error"] is None]
+    header = "".join(
+        f'<th colspan="3">{_text(metric["name"])} {"&darr;" if metric["lower_better"] else "&uarr;"}</th>'
+        for metric in loaded
+    )
+    sub_header = "".join(f"<th>mean</th><th>change [{_text(level)}]</th><th>worse</th>" for _ in loaded)
+    rows = []
+    for name, row in methods.items():
+        cells = []
+        for metric in loaded:
+            cell = row["cells"][metric["name"]]
+            change = "" if cell["change"] is None else f"{cell['change']:+.4g}"
+            if cell["low"] is not None:
+                change += f" [{cell['low']:+.3g}, {cell['high']:+.3g}]"
+            negative = cell["change"] is not None and (
+                cell["change"] > 0 if metric["lower_better"] else cell["change"] < 0
+            )
+            css = ' class="warning"' if negative else ""
+            cells.append(
+                f"<td>{_evaluation_number(cell['mean'])}</td><td{css}>{_text(change or '–')}</td>"
+                f"<td>{_percent(cell['worse_share'])}</td>"
+            )
+        rows.append(f'<tr data-method="{_text(name)}"><td>{_text(name)}</td>{"".join(cells)}</tr>')
+    summary = []
+    for name, row in methods.items():
+        on_mean = "–" if name == "base" else f"{row['negatives_on_mean']}/{len(loaded)}"
+        significant = "–" if name == "base" else str(row["negatives_significant"])
+        summary.append(
+            f'<tr data-method="{_text(name)}"><td>{_text(name)}</td>'
+            f"<td>{on_mean}</td><td>{significant}</td>"
+            f"<td>{_number(row['negatives_per_image'])}</td><td>{_percent(row['refine_rate'])}</td>"
+            f"<td>{_number(row['seconds_per_image'])}</td></tr>"
+        )
+    missing = "".join(
+        f'<li data-metric="{_text(metric["name"])}"><strong>{_text(metric["name"])}</strong>: not scored: '
+        f"{_text(metric['error'])}</li>"
+        for metric in metrics if metric["error"] is not None
+    )
+    descriptions = "".join(
+        f"<li><strong>{_text(name)}</strong>: {_text(text)}</li>"
+        for name, text in evaluation.get("method_descriptions", {}).items()
+    )
+    return (
+        '<section id="evaluation"><h2>Quality gain over the base images</h2>'
+        '<table id="evaluation-metrics"><thead><tr><th rowspan="2">method</th>' + header + "</tr>"
+        f"<tr>{sub_header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        '<table id="evaluation-summary" style="margin-top: 12px"><thead><tr><th>method</th><th>negatives on mean</th>'
+        "<th>significant</th><th>negatives per image</th><th>refine rate</th><th>s / image</th></tr></thead>"
+        f"<tbody>{''.join(summary)}</tbody></table>"
+        + (f'<ul id="evaluation-missing" class="warning">{missing}</ul>' if missing else "")
+        + f'<ul class="note">{descriptions}</ul>'
+        f'<p class="note">change: mean over prompts of (method &minus; base), {_text(level)} bootstrap interval '
+        f"(BCa, {evaluation['n_resamples']} resamples, seed {evaluation['seed']}; none below "
+        f"{evaluation['min_pairs']} prompts); red: worse than the base on the mean (a negative optimisation, the paper&rsquo;s count); "
+        "worse: share of images worse than their own base image. &uarr; higher is better, &darr; lower is better.</p>"
+        "</section>"
+    )
+
+
+def _evaluation_number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
 
 
 def _summary_table(summary: dict[str, dict[str, Any]]) -> str:
