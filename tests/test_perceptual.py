@@ -93,3 +93,38 @@ def test_handwritten_pairs_cover_every_factor():
 def test_bad_head_arguments(alphas, shape):
     with pytest.raises(ValueError, match="alphas|pair_features"):
         PerceptualQuality(torch.zeros(shape), alphas, 10.0)
+
+
+def test_head_divides_each_factor_by_its_own_alpha_in_factor_order():
+    """Through the head (the scorer's path), with unequal alphas: eq. 3 computed by hand from the
+    pair probabilities sigmoid(2 * scale * x_f) of an image whose factor-axis components are x_f."""
+    axes = torch.eye(8)[:4]
+    pairs = torch.stack([axes, -axes], dim=1)
+    alphas = (0.9, 0.5, 0.6)
+    head = PerceptualQuality(pairs, alphas, logit_scale=10.0)
+    components = torch.tensor([0.3, -0.02, 0.01, -0.03])  # technical and naturalness below their alphas
+    image = torch.cat([components, torch.zeros(4)])
+    image[4] = (1 - float(components.square().sum())) ** 0.5  # unit length, off the factor axes
+    result = head(SurgeryFeatures(image=image[None], patches=image[None, None], grid=(1, 1)))
+    probabilities = torch.sigmoid(2 * 10.0 * components)
+    expected = probabilities[0] * torch.prod(torch.clamp(probabilities[1:] / torch.tensor(alphas), max=1.0))
+    assert float(result.p) == pytest.approx(float(expected), rel=1e-5)
+    assert float(result.grid_map.flatten()[0]) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(result.factors[0], probabilities)
+    # Rationality (0.55) is above its alpha 0.5 and clamped; in another order it is not.
+    rotated = PerceptualQuality(pairs, (0.5, 0.6, 0.9), logit_scale=10.0)
+    rotated_p = float(rotated(SurgeryFeatures(image=image[None], patches=image[None, None], grid=(1, 1))).p)
+    assert abs(rotated_p - float(expected)) > 0.02
+
+
+def test_minmax_map_spans_zero_to_one_and_keeps_p():
+    head, axes = _head()
+    good = F.normalize(axes.sum(0), dim=-1)
+    worse = F.normalize(axes[0] + axes[1] - axes[2] + axes[3], dim=-1)
+    patches = torch.stack([good, worse, good, worse])[None]
+    features = SurgeryFeatures(image=good[None], patches=patches, grid=(2, 2))
+    minmax_head = PerceptualQuality(head.pair_features, (0.5, 0.5, 0.5), 10.0, map_normalization="minmax")
+    absolute, ranked = head(features), minmax_head(features)
+    assert torch.equal(ranked.p, absolute.p)
+    torch.testing.assert_close(ranked.grid_map, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
+    assert 0 < float(absolute.grid_map.min()) < float(absolute.grid_map.max()) < 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -101,3 +102,96 @@ def test_feature_surgery_removes_what_all_texts_share():
     similarity = feature_surgery(image, patches, texts)
     assert similarity.shape == (2, 6, 4)
     torch.testing.assert_close(similarity.sum(-1), torch.zeros(2, 6), atol=1e-5, rtol=0)
+
+
+# --- An independent re-derivation of the dual path (issue 18) -----------------------------------
+#
+# Written from CLIP Surgery's reference code (Li et al. 2023; its ``Attention`` returns the v-v and
+# the q-k-v outputs of the same ``ln_1(x_ori)``) and from open_clip's block math, with every
+# projection, norm and activation spelled out on the weights, so it shares no code with
+# ``surgery.py``: per block of the last ``depth``,
+#
+#     surgery <- surgery + out_proj(softmax(v v^T / sqrt(d)) v),  v from ln_1(x)   (no MLP)
+#     x       <- x + out_proj(softmax(q k^T / sqrt(d)) v);  x <- x + mlp(ln_2(x))
+#
+# where ``x`` is the *original* stream and ``surgery`` starts as ``x`` at the first dual block.
+
+
+def _layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor, vv: bool) -> torch.Tensor:
+    """nn.MultiheadAttention written out per head; ``vv`` puts v in place of q and k (eq. 1)."""
+    width = x.shape[-1]
+    heads = attn.num_heads
+    head_width = width // heads
+    q, k, v = (x @ attn.in_proj_weight.T + attn.in_proj_bias).chunk(3, dim=-1)
+    if vv:
+        q = k = v
+    q, k, v = (t.reshape(*t.shape[:2], heads, head_width).transpose(1, 2) for t in (q, k, v))
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(head_width)).softmax(dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(x.shape)
+    return out @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+def _reference_surgery(visual, pixels: torch.Tensor, depth: int, feed: str = "original"):
+    """(image embedding, surgery patch embeddings); ``feed="surgery"`` is the wrong variant that
+    computes each v-v attention from the surgery stream instead of the original one."""
+    x = F.conv2d(pixels, visual.conv1.weight, visual.conv1.bias, stride=visual.conv1.stride)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+    x = _layer_norm(visual.ln_pre, x)
+    blocks = list(visual.transformer.resblocks)
+    surgery = None
+    for index, block in enumerate(blocks):
+        if index == len(blocks) - depth:
+            surgery = x
+        if surgery is not None:
+            source = x if feed == "original" else surgery
+            surgery = surgery + _attention(block.attn, _layer_norm(block.ln_1, source), vv=True)
+        x = x + _attention(block.attn, _layer_norm(block.ln_1, x), vv=False)
+        hidden = _layer_norm(block.ln_2, x) @ block.mlp.c_fc.weight.T + block.mlp.c_fc.bias
+        hidden = hidden * torch.sigmoid(1.702 * hidden)  # QuickGELU (the tiny config's quick_gelu)
+        x = x + hidden @ block.mlp.c_proj.weight.T + block.mlp.c_proj.bias
+    image = _layer_norm(visual.ln_post, x[:, 0]) @ visual.proj
+    patches = _layer_norm(visual.ln_post, surgery[:, 1:]) @ visual.proj
+    return image, patches
+
+
+def _four_head_clip():
+    """A second tiny open_clip CLIP with 4 attention heads (the suite's has 1), so the per-head
+    split of the v-v attention is exercised too."""
+    from open_clip.model import CLIP
+
+    torch.manual_seed(3)
+    model = CLIP(
+        embed_dim=32,
+        vision_cfg={"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 16},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        quick_gelu=True,
+    )
+    return model.eval()
+
+
+@pytest.mark.parametrize("which", ["suite", "four-heads"])
+@pytest.mark.parametrize("depth", [2, 3])
+def test_dual_path_matches_an_independent_rederivation(tiny_clip_parts, which, depth):
+    """The patches equal the re-derivation fed from the original stream, and are far from the
+    variant fed from the surgery stream: the test tells the two apart by > 100x its tolerance."""
+    model = copy.deepcopy(tiny_clip_parts[0]) if which == "suite" else _four_head_clip()
+    visual = model.visual
+    for block in visual.transformer.resblocks:  # the re-derivation has no layer scale / inner norms
+        assert isinstance(block.ls_1, torch.nn.Identity) and isinstance(block.ls_2, torch.nn.Identity)
+        assert not hasattr(block.attn, "ln_inner") and not hasattr(block, "ln_attn")
+    side = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
+    pixels = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(depth))
+    with torch.no_grad():
+        features = encode_image_with_surgery(visual, pixels, depth=depth)
+        image, patches = _reference_surgery(visual, pixels, depth)
+        _, wrong = _reference_surgery(visual, pixels, depth, feed="surgery")
+    torch.testing.assert_close(features.image, image, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(features.patches, patches, rtol=1e-4, atol=1e-5)
+    gap = (wrong - patches).abs().max()
+    assert gap > 100 * (1e-5 + 1e-4 * patches.abs().max()), float(gap)
+    assert (features.patches - wrong).abs().max() > 0.5 * gap
