@@ -128,3 +128,37 @@ def test_minmax_map_spans_zero_to_one_and_keeps_p():
     assert torch.equal(ranked.p, absolute.p)
     torch.testing.assert_close(ranked.grid_map, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
     assert 0 < float(absolute.grid_map.min()) < float(absolute.grid_map.max()) < 1
+
+
+def test_each_image_and_patch_is_normalised_on_its_own():
+    """Features arrive un-normalised; scaling one image or one patch must not change any score."""
+    head, axes = _head()
+    good = axes.sum(0)
+    broken = axes[0] + axes[1] - axes[2] + axes[3]
+    images = torch.stack([good, broken])
+    patches = torch.stack([torch.stack([good, broken]), torch.stack([broken, good])])
+    scaled = head(SurgeryFeatures(image=images * torch.tensor([[3.0], [0.2]]),
+                                  patches=patches * torch.tensor([[[5.0], [0.1]], [[2.0], [7.0]]]), grid=(1, 2)))
+    alone = [head(SurgeryFeatures(image=F.normalize(images[i : i + 1], dim=-1),
+                                  patches=F.normalize(patches[i : i + 1], dim=-1), grid=(1, 2))) for i in range(2)]
+    torch.testing.assert_close(scaled.p, torch.cat([result.p for result in alone]))
+    torch.testing.assert_close(scaled.grid_map, torch.cat([result.grid_map for result in alone]))
+    assert scaled.grid_map.shape == (2, 1, 2) and float(scaled.p[0]) > float(scaled.p[1])
+
+
+def test_double_precision_features_score_like_float():
+    head, axes = _head()
+    image = F.normalize(axes.sum(0) + 0.3 * axes[2], dim=-1)[None]
+    single = head(SurgeryFeatures(image=image, patches=image[:, None], grid=(1, 1)))
+    double = head(SurgeryFeatures(image=image.double(), patches=image[:, None].double(), grid=(1, 1)))
+    torch.testing.assert_close(double.p.float(), single.p)
+
+
+def test_alpha_of_one_is_allowed_and_the_errors_name_the_value():
+    pairs = _head()[0].pair_features
+    assert PerceptualQuality(pairs, (1.0, 1.0, 1.0), 10.0).alphas.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"^alphas must be three thresholds in \(0, 1\], got \(1.5, 0.5, 0.5\)$"):
+        PerceptualQuality(pairs, (1.5, 0.5, 0.5), 10.0)
+    with pytest.raises(ValueError) as error:
+        PerceptualQuality(pairs, (0.5, 0.5, 0.5), 10.0, map_normalization="zscore")
+    assert str(error.value) == "map_normalization must be one of ('absolute', 'minmax'), got 'zscore'"

@@ -195,3 +195,81 @@ def test_dual_path_matches_an_independent_rederivation(tiny_clip_parts, which, d
     gap = (wrong - patches).abs().max()
     assert gap > 100 * (1e-5 + 1e-4 * patches.abs().max()), float(gap)
     assert (features.patches - wrong).abs().max() > 0.5 * gap
+
+
+def _clip(seed: int = 3, layers: int = 4, **vision):
+    """A tiny open_clip CLIP with other tower options (pooling, depth) than the suite's."""
+    from open_clip.model import CLIP
+
+    torch.manual_seed(seed)
+    vision_cfg = {"image_size": 32, "layers": layers, "width": 64, "patch_size": 8, "head_width": 16, **vision}
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    return CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True).eval()
+
+
+@pytest.mark.parametrize("final_ln_after_pool", [False, True])
+def test_average_pooled_towers_keep_encode_image(final_ln_after_pool):
+    model = _clip(pool_type="avg", final_ln_after_pool=final_ln_after_pool)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = encode_image_with_surgery(model.visual, pixels)
+        torch.testing.assert_close(features.image, model.encode_image(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_first_transformer_gives_the_same_features():
+    model = _clip()
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        batch_first = encode_image_with_surgery(model.visual, pixels)
+        model.visual.transformer.batch_first = False
+        for block in model.visual.transformer.resblocks:
+            block.attn.batch_first = False
+        sequence_first = encode_image_with_surgery(model.visual, pixels)
+        torch.testing.assert_close(sequence_first.image, model.encode_image(pixels), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sequence_first.image, batch_first.image, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sequence_first.patches, batch_first.patches, rtol=1e-5, atol=1e-5)
+
+
+def test_depth_is_half_the_blocks_and_at_least_one():
+    assert default_surgery_depth(_clip(layers=2).visual) == 1
+    assert default_surgery_depth(_clip(layers=1).visual) == 1
+    assert default_surgery_depth(_clip(layers=6).visual) == 3
+    deep = _clip(layers=2)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_image_with_surgery(deep.visual, pixels, depth=2).image, deep.encode_image(pixels))
+    for depth in (0, 3):
+        with pytest.raises(ValueError, match=rf"^depth must be in \[1, 2\], got {depth}$"):
+            encode_image_with_surgery(deep.visual, pixels, depth=depth)
+
+
+def test_unsupported_towers_are_refused_with_their_reason():
+    with pytest.raises(ValueError) as error:
+        encode_image_with_surgery(torch.nn.Linear(3, 3), torch.randn(1, 3, 8, 8))
+    assert str(error.value) == ("CLIP Surgery needs an open_clip VisionTransformer image tower, got Linear "
+                                "(ResNet, timm and CoCa towers are not supported)")
+    pooled = _clip(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2)
+    with pytest.raises(ValueError) as error:
+        encode_image_with_surgery(pooled.visual, torch.randn(1, 3, 32, 32))
+    assert str(error.value) == "CLIP Surgery does not support open_clip ViTs with attentional pooling"
+    other = _clip()
+    other.visual.pool_type = "none"
+    with pytest.raises(ValueError) as error:
+        encode_image_with_surgery(other.visual, torch.randn(1, 3, 32, 32))
+    assert str(error.value) == "CLIP Surgery needs pool_type 'tok' or 'avg', got 'none'"
+
+
+def test_feature_surgery_matches_clip_surgerys_reference_formula():
+    """CLIP Surgery's ``clip_feature_surgery``, written out: the class-weighted products, minus
+    their mean over the texts, summed over the channels."""
+    generator = torch.Generator().manual_seed(2)
+    patches = F.normalize(torch.randn(2, 5, 8, generator=generator), dim=-1)
+    texts = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    image = F.normalize(torch.randn(2, 8, generator=generator), dim=-1)
+    expected = torch.zeros(2, 5, 3)
+    for b in range(2):
+        probability = torch.softmax(2 * image[b] @ texts.T, dim=-1)
+        weight = probability / probability.mean()
+        products = torch.stack([patches[b] * texts[t] * weight[t] for t in range(3)], dim=1)  # (N, T, D)
+        expected[b] = (products - products.mean(dim=1, keepdim=True)).sum(dim=-1)
+    torch.testing.assert_close(feature_surgery(image, patches, texts), expected, rtol=1e-5, atol=1e-6)
