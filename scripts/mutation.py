@@ -73,10 +73,19 @@ def function_of(mutant: str) -> str:
     return local.removeprefix("x_").removeprefix("xǁ").replace("ǁ", ".")
 
 
+def name_patterns(group: dict) -> list[str]:
+    """mutmut's names of the mutants of ``group["functions"]`` (all mutants when absent)."""
+    modules = [path.removesuffix(".py").replace("/", ".") for path in group["only_mutate"]]
+    mangled = ["x_" + function if "." not in function else "xǁ" + function.replace(".", "ǁ")
+               for function in group.get("functions", [])]
+    return [f"{module}.{function}__mutmut_*" for module in modules for function in mangled]
+
+
 def run_group(name: str, group: dict) -> dict:
     work = prepare(name, group)
     with open(work / "run.log", "w") as log:  # mutmut's progress line, redrawn for every mutant
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=work, check=False,
+        command = [sys.executable, "-m", "mutmut", "run", "--max-children", "1", *name_patterns(group)]
+        subprocess.run(command, cwd=work, check=False,
                        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
     statuses = results(work)
     wanted = group.get("functions")

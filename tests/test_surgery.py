@@ -181,6 +181,11 @@ def test_dual_path_matches_an_independent_rederivation(tiny_clip_parts, which, d
     variant fed from the surgery stream: the test tells the two apart by > 100x its tolerance."""
     model = copy.deepcopy(tiny_clip_parts[0]) if which == "suite" else _four_head_clip()
     visual = model.visual
+    with torch.no_grad():  # open_clip starts biases at 0 and norms at 1: make every one count
+        generator = torch.Generator().manual_seed(7)
+        for name, parameter in visual.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_"):
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
     for block in visual.transformer.resblocks:  # the re-derivation has no layer scale / inner norms
         assert isinstance(block.ls_1, torch.nn.Identity) and isinstance(block.ls_2, torch.nn.Identity)
         assert not hasattr(block.attn, "ln_inner") and not hasattr(block, "ln_attn")
@@ -273,3 +278,13 @@ def test_feature_surgery_matches_clip_surgerys_reference_formula():
         products = torch.stack([patches[b] * texts[t] * weight[t] for t in range(3)], dim=1)  # (N, T, D)
         expected[b] = (products - products.mean(dim=1, keepdim=True)).sum(dim=-1)
     torch.testing.assert_close(feature_surgery(image, patches, texts), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tower_without_a_projection_keeps_encode_image():
+    model = _clip()
+    model.visual.proj = None
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        features = encode_image_with_surgery(model.visual, pixels)
+        torch.testing.assert_close(features.image, model.encode_image(pixels), rtol=1e-5, atol=1e-5)
+    assert features.patches.shape == (1, 16, 64)
