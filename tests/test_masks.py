@@ -88,13 +88,32 @@ def _square_need(value: float, side: int = 64, box: slice = slice(24, 32)) -> to
 
 
 def test_mask_threshold_is_a_strict_cut_of_the_need_map():
-    P, A = _square_need(0.4), torch.zeros(64, 64)
+    P, A = _square_need(0.5), torch.zeros(64, 64)  # 0.5: exact in float32, so the edge is exact
     expected = torch.zeros(64, 64)
     expected[24:32, 24:32] = 1
-    below = refine_mask(P, A, RefinePolicy(mask_threshold=0.39, **NO_SHAPING))
+    below = refine_mask(P, A, RefinePolicy(mask_threshold=0.49, **NO_SHAPING))
     assert torch.equal(below.binary, expected) and torch.equal(below.soft, expected)
-    for threshold in (0.4, 0.41):  # need 0.4 is not above 0.4
+    for threshold in (0.5, 0.51):  # need 0.5 is not above 0.5
         assert refine_mask(P, A, RefinePolicy(mask_threshold=threshold, **NO_SHAPING)).share == 0
+
+
+def test_need_map_saturates_at_one():
+    assert torch.equal(need_map(torch.zeros(2, 2), torch.ones(2, 2)), torch.ones(2, 2))
+
+
+def test_blur_below_one_pixel_sigma_still_blurs_and_keeps_its_support():
+    spike = torch.zeros(21, 21)
+    spike[10, 10] = 1
+    narrow = gaussian_blur(spike, sigma=0.5)  # radius max(1, int(2.0)) = 2
+    assert 0.3 < float(narrow[10, 10]) < 0.7 and narrow[10, 12] > 0 and narrow[10, 13] == 0
+    tiny = gaussian_blur(spike, sigma=0.3)  # radius max(1, int(1.4)) = 1: nothing two pixels out
+    assert tiny[10, 11] > 0 and tiny[10, 12] == 0 and tiny[12, 10] == 0
+
+
+def test_blur_replicates_the_edges():
+    """A flat map stays flat up to its border: the image's edge is not read as a dark frame."""
+    flat = torch.full((16, 16), 0.7)
+    torch.testing.assert_close(gaussian_blur(flat, sigma=2.0), flat)
 
 
 def test_mask_dilation_grows_by_round_of_its_fraction_of_the_shorter_side():
