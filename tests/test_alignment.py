@@ -129,3 +129,49 @@ def test_emphasis_repeats_each_defective_phrase_once():
 def test_bad_thresholds(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         AlignmentQuality(**kwargs)
+
+
+def test_adjective_margin_widens_the_band_of_matched_attributes():
+    a_noun, a_phrase = torch.tensor([0.8, 0.8, 0.8]), torch.tensor([0.8, 0.76, 0.74])
+    assert find_defects(a_noun, a_phrase, 0.5) == [None, ADJECTIVE_UNMATCHED, ADJECTIVE_UNMATCHED]
+    # margin 0.05: 0.76 >= 0.75 is matched, 0.74 < 0.75 is not; an equal score is never a defect.
+    assert find_defects(a_noun, a_phrase, 0.5, adjective_margin=0.05) == [None, None, ADJECTIVE_UNMATCHED]
+    head = AlignmentQuality(adjective_margin=0.9)
+    image = _unit(BOOK, RED, VASE)  # the vase is not yellow: a defect without a margin, none with 0.9
+    patches = torch.stack([_unit(BOOK, RED), _unit(VASE)] * 2)
+    result = head(image, patches, (2, 2), "a red book and a yellow vase", _unit(BOOK, RED, VASE, YELLOW), PHRASES,
+                  PHRASE_TEXTS, NOUNS, EMPTY)
+    assert [phrase.defect for phrase in result.phrases] == [None, None]
+
+
+def test_phrase_scores_carry_their_phrase():
+    phrases = [_phrase("vase", "a yellow vase"), _phrase("table", "on a wooden table", "vase", 0)]
+    texts = torch.stack([_unit(VASE, YELLOW), _unit(TABLE, E[5])])
+    image = _unit(VASE, YELLOW, EMPTY)
+    result = _run(image, torch.stack([_unit(VASE, YELLOW)] * 4), phrases, torch.stack([VASE, TABLE]), texts)
+    assert [(s.noun, s.text, s.ancestor, s.ancestor_index) for s in result.phrases] == [
+        ("vase", "a yellow vase", None, None), ("table", "on a wooden table", "vase", 0)]
+
+
+def test_regions_of_one_phrase_and_of_none():
+    one = combine_defect_regions(torch.tensor([[0.25, 1.0]]), [ADJECTIVE_UNMATCHED], [None])
+    torch.testing.assert_close(one, torch.tensor([0.25, 1.0]))
+    assert float(combine_defect_regions(torch.zeros(0, 2), [], [])) == 0.0
+
+
+def test_threshold_edges_and_messages():
+    assert AlignmentQuality(a_bound=1.0, beta=1.0, temperature=0.5).temperature == 0.5
+    assert AlignmentQuality(adjective_margin=0.99).adjective_margin == 0.99
+    cases = [
+        ({"a_bound": "x"}, "a_bound must be a finite number, got 'x'"),
+        ({"beta": float("nan")}, "beta must be a finite number, got nan"),
+        ({"adjective_margin": True}, "adjective_margin must be a finite number, got True"),
+        ({"a_bound": 1.5}, "a_bound must be in (0, 1], got 1.5"),
+        ({"beta": 0.0}, "beta must be in (0, 1], got 0.0"),
+        ({"adjective_margin": 1.0}, "adjective_margin must be in [0, 1), got 1.0"),
+        ({"temperature": -1.0}, "temperature must be positive, got -1.0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as error:
+            AlignmentQuality(**kwargs)
+        assert str(error.value) == message

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from grefine_hooks.cli import main
+from grefine_hooks.scoring.scorer import QualityScorer
+from grefine_hooks.visualize import heatmap
 from grefine_hooks.testing import save_tiny_clip
 
 
@@ -40,10 +42,16 @@ def test_json_output_and_heat_maps(clip_dir, image_path, tmp_path, capsys):
     assert 0 <= entry["p"] <= 1 and 0 <= entry["a"] <= 1
     assert [phrase["noun"] for phrase in entry["phrases"]] == ["book", "table"]
     assert entry["maps"]["size"] == [40, 56]
-    for name in ("gen_P.png", "gen_A.png"):
-        overlay = np.asarray(Image.open(maps / name))
+    # Each file is the image half-blended with the heat map of its own map (scored again here
+    # with the same CLIP): a copy of the image, or the other map's overlay, fails.
+    report = QualityScorer(f"local-dir:{clip_dir}", None).score(Image.open(image_path), "a red book on a table")
+    photo = np.asarray(Image.open(image_path).convert("RGB"), np.float32)
+    for name, values in (("gen_P.png", report.P), ("gen_A.png", report.A)):
+        overlay = np.asarray(Image.open(maps / name), np.float32)
         assert overlay.shape == (40, 56, 3)
-        assert overlay.std() > 1  # an overlay, not a blank image
+        expected = 0.5 * photo + 0.5 * np.asarray(heatmap(values), np.float32)
+        assert np.abs(overlay - expected).max() <= 1.0  # PIL's blend rounds
+        assert np.abs(overlay - photo).mean() > 10
 
 
 def test_text_output_lists_phrases_and_defects(clip_dir, image_path, capsys):

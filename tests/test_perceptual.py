@@ -93,3 +93,72 @@ def test_handwritten_pairs_cover_every_factor():
 def test_bad_head_arguments(alphas, shape):
     with pytest.raises(ValueError, match="alphas|pair_features"):
         PerceptualQuality(torch.zeros(shape), alphas, 10.0)
+
+
+def test_head_divides_each_factor_by_its_own_alpha_in_factor_order():
+    """Through the head (the scorer's path), with unequal alphas: eq. 3 computed by hand from the
+    pair probabilities sigmoid(2 * scale * x_f) of an image whose factor-axis components are x_f."""
+    axes = torch.eye(8)[:4]
+    pairs = torch.stack([axes, -axes], dim=1)
+    alphas = (0.9, 0.5, 0.6)
+    head = PerceptualQuality(pairs, alphas, logit_scale=10.0)
+    components = torch.tensor([0.3, -0.02, 0.01, -0.03])  # technical and naturalness below their alphas
+    image = torch.cat([components, torch.zeros(4)])
+    image[4] = (1 - float(components.square().sum())) ** 0.5  # unit length, off the factor axes
+    result = head(SurgeryFeatures(image=image[None], patches=image[None, None], grid=(1, 1)))
+    probabilities = torch.sigmoid(2 * 10.0 * components)
+    expected = probabilities[0] * torch.prod(torch.clamp(probabilities[1:] / torch.tensor(alphas), max=1.0))
+    assert float(result.p) == pytest.approx(float(expected), rel=1e-5)
+    assert float(result.grid_map.flatten()[0]) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(result.factors[0], probabilities)
+    # Rationality (0.55) is above its alpha 0.5 and clamped; in another order it is not.
+    rotated = PerceptualQuality(pairs, (0.5, 0.6, 0.9), logit_scale=10.0)
+    rotated_p = float(rotated(SurgeryFeatures(image=image[None], patches=image[None, None], grid=(1, 1))).p)
+    assert abs(rotated_p - float(expected)) > 0.02
+
+
+def test_minmax_map_spans_zero_to_one_and_keeps_p():
+    head, axes = _head()
+    good = F.normalize(axes.sum(0), dim=-1)
+    worse = F.normalize(axes[0] + axes[1] - axes[2] + axes[3], dim=-1)
+    patches = torch.stack([good, worse, good, worse])[None]
+    features = SurgeryFeatures(image=good[None], patches=patches, grid=(2, 2))
+    minmax_head = PerceptualQuality(head.pair_features, (0.5, 0.5, 0.5), 10.0, map_normalization="minmax")
+    absolute, ranked = head(features), minmax_head(features)
+    assert torch.equal(ranked.p, absolute.p)
+    torch.testing.assert_close(ranked.grid_map, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
+    assert 0 < float(absolute.grid_map.min()) < float(absolute.grid_map.max()) < 1
+
+
+def test_each_image_and_patch_is_normalised_on_its_own():
+    """Features arrive un-normalised; scaling one image or one patch must not change any score."""
+    head, axes = _head()
+    good = axes.sum(0)
+    broken = axes[0] + axes[1] - axes[2] + axes[3]
+    images = torch.stack([good, broken])
+    patches = torch.stack([torch.stack([good, broken]), torch.stack([broken, good])])
+    scaled = head(SurgeryFeatures(image=images * torch.tensor([[3.0], [0.2]]),
+                                  patches=patches * torch.tensor([[[5.0], [0.1]], [[2.0], [7.0]]]), grid=(1, 2)))
+    alone = [head(SurgeryFeatures(image=F.normalize(images[i : i + 1], dim=-1),
+                                  patches=F.normalize(patches[i : i + 1], dim=-1), grid=(1, 2))) for i in range(2)]
+    torch.testing.assert_close(scaled.p, torch.cat([result.p for result in alone]))
+    torch.testing.assert_close(scaled.grid_map, torch.cat([result.grid_map for result in alone]))
+    assert scaled.grid_map.shape == (2, 1, 2) and float(scaled.p[0]) > float(scaled.p[1])
+
+
+def test_double_precision_features_score_like_float():
+    head, axes = _head()
+    image = F.normalize(axes.sum(0) + 0.3 * axes[2], dim=-1)[None]
+    single = head(SurgeryFeatures(image=image, patches=image[:, None], grid=(1, 1)))
+    double = head(SurgeryFeatures(image=image.double(), patches=image[:, None].double(), grid=(1, 1)))
+    torch.testing.assert_close(double.p.float(), single.p)
+
+
+def test_alpha_of_one_is_allowed_and_the_errors_name_the_value():
+    pairs = _head()[0].pair_features
+    assert PerceptualQuality(pairs, (1.0, 1.0, 1.0), 10.0).alphas.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"^alphas must be three thresholds in \(0, 1\], got \(1.5, 0.5, 0.5\)$"):
+        PerceptualQuality(pairs, (1.5, 0.5, 0.5), 10.0)
+    with pytest.raises(ValueError) as error:
+        PerceptualQuality(pairs, (0.5, 0.5, 0.5), 10.0, map_normalization="zscore")
+    assert str(error.value) == "map_normalization must be one of ('absolute', 'minmax'), got 'zscore'"

@@ -6,7 +6,10 @@ too, but a random-weight ViT cannot see them: its patch embedding is linear and 
 out the patch energy, so a ridge probe on its global features predicts their levels no better than
 chance (leave-one-scene-out SRCC 0.24 for blur, 0.00 for JPEG), while noise is partly visible
 (0.42) and exposure and saturation plainly (about 0.95). Training can only be tested on what the
-encoder sees. Measured with seed 0: validation SRCC 0.37 -> 0.78 (the best epoch, 99 of 100).
+encoder sees. Measured with seed 0: validation SRCC 0.37 -> 0.78 (the best epoch, 99 of 100);
+with whole scenes held out, seeds 0-2: -0.18 -> 0.80, 0.56 -> 0.85, 0.26 -> 0.87. The bounds the
+tests use are derived from chance (Spearman's one-sided 5 % critical value) and from the spread
+over seeds, not from these figures.
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ from grefine_hooks.testing import TINY_CLIP_NAME, save_tiny_clip, tiny_clip
 
 SIZE = 64
 LEVELS = 4
-# Measured with seed 0: validation SRCC 0.37 before, 0.78 after (best epoch 99 of 100).
-SRCC_GAIN = 0.3
 TRAINING = {"epochs": 100, "lr": 2e-3, "val_split": 0.25, "seed": 0, "progress": False}
 
 
@@ -136,13 +137,51 @@ def test_correlations_handle_ties_and_constants():
     assert np.isnan(pearson([1, 1, 1], [1, 2, 3]))
 
 
+SEEDS = (0, 1, 2)
+
+
+def _one_sided_srcc_critical(n: int, alpha: float = 0.05) -> float:
+    """Spearman's rho above which n pairs are not a chance ordering (one-sided, t approximation)."""
+    from scipy.stats import t
+
+    quantile = t.ppf(1 - alpha, n - 2)
+    return float(quantile / np.sqrt(n - 2 + quantile**2))
+
+
 def test_training_raises_validation_srcc(trained):
+    """The default image-by-image split (its validation images share scenes with training, so
+    this is not a generalisation claim: see the scene-disjoint test below). Derived bounds: the
+    16 validation images must be ranked past chance (one-sided 5 %: SRCC 0.426) and both
+    correlations must rise."""
     print(f"SRCC {trained.srcc_before:.3f} -> {trained.srcc_after:.3f}")
     print(f"PLCC {trained.plcc_before:.3f} -> {trained.plcc_after:.3f}")
     assert (trained.n_train, trained.n_val) == (49, 16)
-    assert trained.srcc_after >= trained.srcc_before + SRCC_GAIN
-    assert trained.srcc_after >= 0.6
-    assert trained.plcc_after >= trained.plcc_before + SRCC_GAIN
+    assert trained.srcc_after > max(trained.srcc_before, _one_sided_srcc_critical(16))
+    assert trained.plcc_after > trained.plcc_before
+
+
+def test_training_generalises_to_scenes_it_never_saw(rated, tiny_clip_parts, tmp_path):
+    """Scene-disjoint split (``groups``: one scene's 13 copies held out whole), three seeds.
+
+    Thresholds are derived, not measured: on 13 held-out images a Spearman correlation above
+    0.476 (one-sided 5 %, t approximation) is not a chance ordering, so each seed's trained
+    prompts must rank the unseen scene's distortions past it; and the gain averaged over the
+    seeds must be positive by more than twice its standard error across seeds.
+    """
+    scenes = [row[0].split("_")[0] for row in rated["rows"]]
+    results = [
+        _train(rated, tiny_clip_parts, tmp_path / f"s{seed}.safetensors", epochs=100, seed=seed, val_split=0.2,
+               groups=scenes, allow_worse=True)
+        for seed in SEEDS
+    ]
+    critical = _one_sided_srcc_critical(13)
+    gains = np.array([result.srcc_after - result.srcc_before for result in results])
+    print([f"{r.val_images[0].split('_')[0]}: {r.srcc_before:.3f} -> {r.srcc_after:.3f}" for r in results])
+    for result in results:
+        held_out = {name.split("_")[0] for name in result.val_images}
+        assert len(held_out) == 1 and result.n_val == 13 and result.n_train == 52  # all of one scene, none of it trained
+        assert result.srcc_after > critical, (result.srcc_after, critical)
+    assert gains.mean() > 2 * gains.std(ddof=1) / np.sqrt(len(SEEDS)), gains
 
 
 def test_clip_stays_frozen(trained, tiny_clip_parts):
@@ -289,6 +328,8 @@ def test_missing_images_are_skipped_when_asked(rated, tiny_clip_parts, tmp_path)
         ({"val_split": 0.0}, "val_split must be in \\(0, 1\\)"),
         ({"val_split": 1.0}, "val_split must be in \\(0, 1\\)"),
         ({"val_split": 0.01}, "val_split=0.01 .* at least 2"),
+        ({"groups": ["scene0"] * 3}, "groups has 3 entries for 65 rated images"),
+        ({"groups": ["one scene"] * 65}, "splits 65 images into 0 for training and 65"),
         ({"missing": "ignore"}, "missing must be one of"),
         ({"use_factors": True}, "use_factors needs at least one of the columns"),
         ({"n_ctx": 0}, "n_ctx must be in \\[1, 72\\]"),

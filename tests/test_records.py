@@ -703,3 +703,38 @@ def test_four_processes_share_one_path_and_stay_readable(location, sink, start_w
     if sink == "jsonl":
         check_jsonl_lines(path)
         assert path.read_bytes().count(b"\n") == 1000
+
+
+def test_the_smallest_draw_still_goes_to_control_at_split_zero(monkeypatch):
+    """A draw of exactly 0.0 must not reach treatment when ab_split is 0: the test is ``draw < split``."""
+
+    class SmallestDigest:
+        def digest(self) -> bytes:
+            return b"\x00" * 32
+
+    monkeypatch.setattr(records.hashlib, "sha256", lambda data: SmallestDigest())
+    assert assign_arm("run", "prompt", 0, 0, 0.0) == "control"
+    assert assign_arm("run", "prompt", 0, 0, 1e-12) == "treatment"
+
+
+def test_prompt_and_seed_may_be_none():
+    """Unconditional generation and unseeded calls still get a stable arm of their own."""
+    arms = {assign_arm("run", None, None, index, 0.5) for index in range(64)}
+    assert arms == {"control", "treatment"}
+    assert assign_arm("run", None, None, 3, 0.5) == assign_arm("run", None, None, 3, 0.5)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (("run", "p", 0, 0, 2.0), "ab_split must be in [0, 1], got 2.0"),
+        ((7, "p", 0, 0, 0.5), "run_id must be a string, got 7"),
+        (("run", 3, 0, 0, 0.5), "prompt must be a string or None, got 3"),
+        (("run", "p", 1.5, 0, 0.5), "seed must be an integer, got 1.5"),
+        (("run", "p", 0, "0", 0.5), "image_index must be an integer, got '0'"),
+    ],
+)
+def test_assign_arm_errors_name_the_argument(arguments, message):
+    with pytest.raises(ValueError) as error:
+        assign_arm(*arguments)
+    assert str(error.value) == message

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 import grefine_hooks.scoring.scorer as scorer_module
+from grefine_hooks.scoring.prompt_tree import parse_prompt
 from grefine_hooks.scoring.scorer import QualityScorer
+from grefine_hooks.scoring.surgery import encode_image_with_surgery
 from grefine_hooks.testing import save_tiny_clip
 
 PROMPT = "a red book and a yellow vase on a wooden table"
@@ -139,8 +141,43 @@ def test_prompts_without_english_nouns_still_score(scorer, prompt):
 def test_thousand_word_prompt_is_capped(scorer):
     prompt = " ".join(["a small red house near a big green tree"] * 111)
     report = scorer.score(_image(), prompt)
-    assert 1 <= len(report.phrases) <= scorer.max_phrases
+    # 333 noun phrases in the prompt: exactly the first max_phrases of them are scored, in order.
+    parsed = parse_prompt(prompt, tagger=scorer.tagger)
+    assert len(parsed) > scorer.max_phrases == 16
+    assert [(p.noun, p.text) for p in report.phrases] == [(p.noun, p.text) for p in parsed[:16]]
     assert 0 <= report.a <= 1
+
+
+def test_max_phrases_keeps_the_first_phrases_in_prompt_order(tiny_clip_parts):
+    model, _, tokenizer = tiny_clip_parts
+    capped = QualityScorer(model=copy.deepcopy(model), tokenizer=tokenizer, max_phrases=2)
+    prompt = "a wooden table, a yellow vase and a red book near a green lamp"
+    report = capped.score(_image(), prompt)
+    assert [phrase.noun for phrase in report.phrases] == ["table", "vase"]
+    # Only scored phrases can be emphasised (the unscored book and lamp are never repeated).
+    defective = [phrase.text for phrase in report.phrases if phrase.defect]
+    assert report.emphasized_prompt == ", ".join([prompt, *defective])
+
+
+def test_images_are_resized_whole_so_the_maps_cover_the_edges(scorer):
+    """A centre crop would drop a wide image's outer columns: changing only those must change the
+    score and the maps there, and the features must be those of the whole image squeezed to the
+    tower's square input."""
+    wide = torch.from_numpy(np.asarray(_image(40, 160, seed=4), np.float32) / 255).permute(2, 0, 1)
+    edited = wide.clone()
+    edited[:, :, 140:] = 1.0 - edited[:, :, 140:]  # the right eighth, outside any centre square
+    first, second = scorer.score([wide, edited], PROMPT)
+    assert first.P.shape == (40, 160)
+    assert first.p != second.p
+    assert (first.P[:, 140:] - second.P[:, 140:]).abs().max() > 1e-4
+    side = scorer.model.visual.image_size
+    squeezed = torch.nn.functional.interpolate(wide[None], size=side, mode="bicubic", antialias=True,
+                                               align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor(scorer.mean).view(1, 3, 1, 1), torch.tensor(scorer.std).view(1, 3, 1, 1)
+    expected = encode_image_with_surgery(scorer.model.visual, (squeezed - mean) / std)
+    got = scorer.encode_images([wide])
+    torch.testing.assert_close(got.image, expected.image)
+    torch.testing.assert_close(got.patches, expected.patches)
 
 
 def test_no_prompt_scores_perception_only(scorer):

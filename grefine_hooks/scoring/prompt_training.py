@@ -369,16 +369,34 @@ def _loss(probabilities: torch.Tensor, alphas: torch.Tensor, targets: torch.Tens
     return loss
 
 
-def _split(count: int, val_split: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded shuffle into (train, validation) indices."""
+def _split(
+    count: int, val_split: float, generator: torch.Generator, groups: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded shuffle into (train, validation) indices.
+
+    With ``groups`` whole groups are held out, in shuffled order, until at least ``val_split`` of
+    the images are, so no group has images on both sides.
+    """
     n_val = round(val_split * count)
-    if n_val < 2 or count - n_val < 2:
+    if groups is None:
+        order = torch.randperm(count, generator=generator)
+        held = order[:n_val].tolist()
+    else:
+        if len(groups) != count:
+            raise ValueError(f"groups has {len(groups)} entries for {count} rated images")
+        names = list(dict.fromkeys(groups))
+        held = []
+        for group in torch.randperm(len(names), generator=generator).tolist():
+            if len(held) >= n_val:
+                break
+            held += [index for index, name in enumerate(groups) if name == names[group]]
+        order = torch.tensor(held + [index for index in range(count) if index not in set(held)])
+    if len(held) < 2 or count - len(held) < 2:
         raise ValueError(
-            f"val_split={val_split} splits {count} images into {count - n_val} for training and {n_val} "
+            f"val_split={val_split} splits {count} images into {count - len(held)} for training and {len(held)} "
             "for validation; each side needs at least 2"
         )
-    order = torch.randperm(count, generator=generator)
-    return order[n_val:], order[:n_val]
+    return order[len(held):], order[: len(held)]
 
 
 def _resolve_init(
@@ -426,6 +444,7 @@ def train_quality_prompts(
     progress: bool = True,
     patience: int | None = DEFAULT_PATIENCE,
     allow_worse: bool = False,
+    groups: Sequence[str] | None = None,
 ) -> TrainingResult:
     """Learns PQ-Map prompts from rated images on a frozen CLIP and saves them to ``out``.
 
@@ -466,6 +485,9 @@ def train_quality_prompts(
         epochs (`int`, defaults to `50`), lr (`float`, defaults to `2e-3`), batch_size (`int`,
             defaults to `64`): Adam over shuffled batches of the training split.
         val_split (`float`, defaults to `0.2`): share of images held out, in (0, 1).
+        groups (`list[str]`, *optional*): one label per rated image, in the ratings' order (e.g. the
+            scene each distorted copy was made from); whole groups are held out, so validation
+            measures images of scenes training never saw. None splits image by image.
         use_factors (`bool`, defaults to `False`): also supervise the factor columns.
         n_ctx (`int`, *optional*): context tokens per prompt, 16 (as released) by default.
         init_prompts (`str` or `Path`, *optional*): start from a prompts file instead of the
@@ -506,7 +528,7 @@ def train_quality_prompts(
     supervised = data.factor_columns
     factor_indices = [FACTORS.index(name) for name in supervised]
     generator = torch.Generator().manual_seed(seed)
-    train, val = _split(len(data.paths), val_split, generator)
+    train, val = _split(len(data.paths), val_split, generator, groups)
 
     scorer = QualityScorer(
         *names, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device, quality_prompts="handwritten"
