@@ -37,6 +37,16 @@ def _add_clip_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> 
         parser.add_argument("--dtype", choices=_DTYPES, default=None, help="CLIP dtype")
 
 
+def _add_job_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The steps, device and scorer options every batch job (`generate`, `evaluate`) loads its pipeline with."""
+    parser.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
+    parser.add_argument("--device", help="torch device (default: the process's accelerate device)")
+    parser.add_argument("--dtype", choices=_DTYPES, help="pipeline dtype (default: float16 on CUDA)")
+    parser.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
+    parser.add_argument("--clip", default="ViT-B-16", help="the scorer's open_clip model or local-dir:FOLDER")
+    parser.add_argument("--pretrained", default="openai", help="the scorer's open_clip weights tag or file")
+
+
 def _default_device(device: str | None) -> str:
     import torch
 
@@ -284,12 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--ab-split", type=float, help="share of images refined (overrides the policy's)")
     generate.add_argument("--images-per-prompt", type=int, default=1, metavar="N")
     generate.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed S + i")
-    generate.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
-    generate.add_argument("--device", help="torch device (default: the process's accelerate device)")
-    generate.add_argument("--dtype", choices=_DTYPES, help="pipeline dtype (default: float16 on CUDA)")
-    generate.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
-    generate.add_argument("--clip", default="ViT-B-16", help="the scorer's open_clip model or local-dir:FOLDER")
-    generate.add_argument("--pretrained", default="openai", help="the scorer's open_clip weights tag or file")
+    _add_job_pipeline_arguments(generate)
     generate.add_argument("--run-id", help="default: derived from DIR, so reruns resume the same run")
     generate.add_argument("--tiny", action="store_true", help="offline tiny random-weight models (no --model)")
     generate.set_defaults(run=_generate)
@@ -310,12 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--allow-downloads", action="store_true", help="let metric libraries download missing weights")
     evaluate.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed S + i")
-    evaluate.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
-    evaluate.add_argument("--device", help="torch device (default: the process's accelerate device)")
-    evaluate.add_argument("--dtype", choices=_DTYPES, help="pipeline dtype (default: float16 on CUDA)")
-    evaluate.add_argument("--quality-prompts", metavar="FILE|handwritten", help="the scorer's PQ-Map prompts")
-    evaluate.add_argument("--clip", default="ViT-B-16", help="the scorer's open_clip model or local-dir:FOLDER")
-    evaluate.add_argument("--pretrained", default="openai", help="the scorer's open_clip weights tag or file")
+    _add_job_pipeline_arguments(evaluate)
     evaluate.add_argument("--resamples", type=int, default=9999, metavar="N", help="bootstrap resamples (default 9999)")
     evaluate.add_argument("--json", action="store_true", help="also print the table as one JSON document")
     evaluate.set_defaults(run=_evaluate)

@@ -30,7 +30,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from accelerate import PartialState
@@ -38,7 +38,7 @@ from accelerate.utils import gather_object, tqdm
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
-from .loading import REFINED_PIPELINES, load_refined_pipeline
+from .loading import REFINED_PIPELINES, LoadedPipeline, load_refined_pipeline
 from .policy import RefinePolicy
 from .records import ARMS, DECISIONS, QualityLog, QualityRecord, record_path, resolve_record_path
 from .visualize import overlay
@@ -177,6 +177,41 @@ def default_run_id(out: str | Path) -> str:
     return f"{resolved.name or 'out'}-{digest}"
 
 
+def check_job_fields(config: Any, whole_numbers: Sequence[tuple[str, int]]) -> None:
+    """The checks a batch job's config needs before any model loads: where the pipeline comes
+    from (``family``, ``model`` / ``tiny``) and each of ``whole_numbers`` (name, minimum)."""
+    if config.family is not None and config.family not in REFINED_PIPELINES:
+        raise ValueError(f"family must be one of {sorted(REFINED_PIPELINES)}, got {config.family!r}")
+    if config.model is None and not config.tiny:
+        raise ValueError("model is required (a hub id or a folder) unless tiny=True")
+    for name, minimum in whole_numbers:
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def process_device(requested: str | None) -> tuple[PartialState, torch.device]:
+    """This process's accelerate state and the device it runs on (``requested`` or accelerate's)."""
+    # PartialState only sets up a multi-process CPU run (gloo) when told ``cpu=True``.
+    use_cpu = requested is not None and torch.device(requested).type == "cpu"
+    state = PartialState(cpu=use_cpu or not torch.accelerator.is_available())
+    device = torch.device(requested) if requested is not None else state.device
+    # "cpu:0" and "cpu" are one device; keep one spelling so device comparisons hold.
+    return state, torch.device("cpu") if device.type == "cpu" else device
+
+
+def load_job_pipeline(config: Any, device: torch.device, policy: RefinePolicy) -> LoadedPipeline:
+    """The Refined pipeline and scorer a batch job's config names, on ``device``, without a progress bar
+    of its own (the job shows one over its prompts)."""
+    loaded = load_refined_pipeline(
+        config.model, family=config.family, tiny=config.tiny, device=device, dtype=config.dtype,
+        policy=policy, quality_prompts=config.quality_prompts, clip=config.clip,
+        pretrained=config.pretrained, steps=config.steps,
+    )
+    loaded.pipe.set_progress_bar_config(disable=True)
+    return loaded
+
+
 class GenerateJob:
     """One ``grefine generate`` run in this process.
 
@@ -185,14 +220,7 @@ class GenerateJob:
     """
 
     def __init__(self, config: GenerateConfig):
-        if config.family is not None and config.family not in REFINED_PIPELINES:
-            raise ValueError(f"family must be one of {sorted(REFINED_PIPELINES)}, got {config.family!r}")
-        if config.model is None and not config.tiny:
-            raise ValueError("model is required (a hub id or a folder) unless tiny=True")
-        for name, minimum in (("images_per_prompt", 1), ("seed", 0), ("steps", 1)):
-            value = getattr(config, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        check_job_fields(config, (("images_per_prompt", 1), ("seed", 0), ("steps", 1)))
         if config.run_id is not None and not config.run_id.strip():
             raise ValueError("run_id must not be empty")
         self.config = config
@@ -209,12 +237,7 @@ class GenerateJob:
         #: Indices of the prompts to generate: not every image has a record whose image file exists.
         self.pending = [index for index in range(len(self.prompts)) if not self._done(index)]
         self._check_no_overwrite(logged)
-        # PartialState only sets up a multi-process CPU run (gloo) when told ``cpu=True``.
-        use_cpu = config.device is not None and torch.device(config.device).type == "cpu"
-        self.state = PartialState(cpu=use_cpu or not torch.accelerator.is_available())
-        device = torch.device(config.device) if config.device is not None else self.state.device
-        # "cpu:0" and "cpu" are one device; keep one spelling so device comparisons hold.
-        self.device = torch.device("cpu") if device.type == "cpu" else device
+        self.state, self.device = process_device(config.device)
         self.pipe: DiffusionPipeline | None = None
         self.call_kwargs: dict[str, Any] = {}
 
@@ -223,15 +246,9 @@ class GenerateJob:
 
         The pipeline logs nothing itself: `run` writes each record once its files are saved.
         """
-        config = self.config
-        loaded = load_refined_pipeline(
-            config.model, family=config.family, tiny=config.tiny, device=self.device, dtype=config.dtype,
-            policy=self.policy, quality_prompts=config.quality_prompts, clip=config.clip,
-            pretrained=config.pretrained, steps=config.steps,
-        )
+        loaded = load_job_pipeline(self.config, self.device, self.policy)
         pipe, self.call_kwargs = loaded.pipe, loaded.call_kwargs
         pipe.run_id = self.run_id
-        pipe.set_progress_bar_config(disable=True)  # one bar over the prompts instead
         self.pipe = pipe
         return pipe
 

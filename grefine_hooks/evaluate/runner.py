@@ -38,13 +38,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object, tqdm
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from ..generate import load_policy, read_prompts
-from ..loading import REFINED_PIPELINES, load_refined_pipeline
+from ..generate import check_job_fields, load_job_pipeline, load_policy, process_device, read_prompts
 from ..policy import RefinePolicy
 from ..records import REFINE_DECISIONS
 from .metrics import DEFAULT_METRICS, Metric, MetricLoadError, check_spec, load_metric
@@ -101,16 +99,9 @@ class EvaluateJob:
     """One ``grefine evaluate`` run in this process: construction checks every input first."""
 
     def __init__(self, config: EvaluateConfig):
-        if config.family is not None and config.family not in REFINED_PIPELINES:
-            raise ValueError(f"family must be one of {sorted(REFINED_PIPELINES)}, got {config.family!r}")
-        if config.model is None and not config.tiny:
-            raise ValueError("model is required (a hub id or a folder) unless tiny=True")
+        check_job_fields(config, (("seed", 0), ("steps", 1), ("n_resamples", 1)))
         if config.model is not None and config.tiny:
             raise ValueError("give either model or tiny=True, not both")
-        for name, minimum in (("seed", 0), ("steps", 1), ("n_resamples", 1)):
-            value = getattr(config, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if isinstance(config.confidence, bool) or not isinstance(config.confidence, float) \
                 or not 0.0 < config.confidence < 1.0:
             raise ValueError(f"confidence must be a number in (0, 1), got {config.confidence!r}")
@@ -131,11 +122,8 @@ class EvaluateJob:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "images").mkdir(exist_ok=True)
         (self.out / "metrics").mkdir(exist_ok=True)
-        use_cpu = config.device is not None and torch.device(config.device).type == "cpu"
-        self.state = PartialState(cpu=use_cpu or not torch.accelerator.is_available())
+        self.state, self.device = process_device(config.device)
         self._check_settings()
-        device = torch.device(config.device) if config.device is not None else self.state.device
-        self.device = torch.device("cpu") if device.type == "cpu" else device
         self.images = {(index, method): self._read_image(index, method)
                        for index in range(len(self.prompts)) for method in METHODS}
         #: Prompts with an image still to make.
@@ -150,14 +138,8 @@ class EvaluateJob:
 
     def load(self) -> Any:
         """Builds the Refined pipeline and its scorer on this process's device; it logs nothing."""
-        config = self.config
-        loaded = load_refined_pipeline(
-            config.model, family=config.family, tiny=config.tiny, device=self.device, dtype=config.dtype,
-            policy=self.policy, quality_prompts=config.quality_prompts, clip=config.clip,
-            pretrained=config.pretrained, steps=config.steps,
-        )
+        loaded = load_job_pipeline(self.config, self.device, self.policy)
         self.pipe, self.call_kwargs = loaded.pipe, loaded.call_kwargs
-        self.pipe.set_progress_bar_config(disable=True)  # one bar over the prompts instead
         return self.pipe
 
     def generate(self) -> int:
