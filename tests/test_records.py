@@ -282,14 +282,19 @@ def test_every_key_part_changes_the_draw():
     assert assign_arm(**base, ab_split=0.5) == assign_arm(**base, ab_split=0.5)
 
 
+def _fix_digest(monkeypatch, byte: bytes) -> None:
+    """Every sha256 digest ``assign_arm`` draws from becomes 32 copies of ``byte``."""
+
+    class FixedDigest:
+        def digest(self) -> bytes:
+            return byte * 32
+
+    monkeypatch.setattr(records.hashlib, "sha256", lambda data: FixedDigest())
+
+
 def test_the_largest_draw_still_goes_to_treatment_at_split_one(monkeypatch):
     """The draw keeps 53 bits: with 64 it would round up to 1.0 and miss ``draw < 1.0``."""
-
-    class LargestDigest:
-        def digest(self) -> bytes:
-            return b"\xff" * 32
-
-    monkeypatch.setattr(records.hashlib, "sha256", lambda data: LargestDigest())
+    _fix_digest(monkeypatch, b"\xff")
     assert assign_arm("run", "prompt", 0, 0, 1.0) == "treatment"
     assert assign_arm("run", "prompt", 0, 0, 0.999999) == "control"
 
@@ -707,12 +712,7 @@ def test_four_processes_share_one_path_and_stay_readable(location, sink, start_w
 
 def test_the_smallest_draw_still_goes_to_control_at_split_zero(monkeypatch):
     """A draw of exactly 0.0 must not reach treatment when ab_split is 0: the test is ``draw < split``."""
-
-    class SmallestDigest:
-        def digest(self) -> bytes:
-            return b"\x00" * 32
-
-    monkeypatch.setattr(records.hashlib, "sha256", lambda data: SmallestDigest())
+    _fix_digest(monkeypatch, b"\x00")
     assert assign_arm("run", "prompt", 0, 0, 0.0) == "control"
     assert assign_arm("run", "prompt", 0, 0, 1e-12) == "treatment"
 
