@@ -45,8 +45,8 @@ from diffusers.utils import BaseOutput
 from .errors import GenerationInterrupted
 from .policy import RefinePolicy
 from .records import QualityLog, QualityRecord, assign_arm, check_key_text
-from .refine.backends import RefineBackend, StageRequest, backend_for, progress_bar_config
-from .refine.refiner import RefinementInterrupted, Refiner
+from .refine.backends import RefineBackend, backend_for, progress_bar_config
+from .refine.refiner import RefineCall, RefinementInterrupted, RefineItem, Refiner
 from .scoring.scorer import QualityReport, QualityScorer
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ REFINE_CALL_ARGUMENTS = (
     "true_cfg_scale",
 )
 _PIXEL_OUTPUTS = ("pil", "np", "pt")
-#: The step-end callbacks a stop condition joins, per family (the combined Cascade has two loops).
-_STEP_CALLBACKS = ("callback_on_step_end", "prior_callback_on_step_end")
+#: The step-end callbacks we observe, and what each one's latents are kept as: the denoising
+#: loop's final latents (what diffusers decodes; the combined Cascade's decoder loop), and the
+#: combined Cascade's prior loop, whose output is the decoder's image embeddings.
+_STEP_CALLBACKS = {"callback_on_step_end": "latents", "prior_callback_on_step_end": "prior_latents"}
 
 
 @dataclass(frozen=True)
@@ -249,11 +251,7 @@ class RefineMixin:
     def _active_policy(self) -> RefinePolicy:
         return self._scope.policy or self.policy
 
-    # -- hooks for families that need something captured during generation ------------------------
-
-    def _capture_arguments(self, arguments: dict[str, Any], captured: dict[str, Any]) -> dict[str, Any]:
-        """Arguments to add to the generation call so that it fills ``captured``; none by default."""
-        return {}
+    # -- hook for families that need more than the final latents from generation ------------------
 
     def _image_extras(self, captured: dict[str, Any], index: int) -> dict[str, Any]:
         """What refining image ``index`` needs from ``captured``; nothing by default."""
@@ -279,9 +277,8 @@ class RefineMixin:
         captured: dict[str, Any] = {}
         start = time.perf_counter()
         self._clear_interrupt()
-        call = {**self._stopping_arguments(generate, arguments), "output_type": "pt"}
         try:
-            result = generate(**{**call, **self._capture_arguments(call, captured)})
+            result = generate(**{**self._step_arguments(generate, arguments, captured), "output_type": "pt"})
         except _GenerationStopped:
             records = self._records(arguments, _requested_images(self, arguments), {})
             for record in records:
@@ -310,30 +307,37 @@ class RefineMixin:
         self._finish(records)
         return _with_images(result, _to_output_type(final, output_type), records)
 
-    def _stopping_arguments(self, generate: Any, arguments: dict[str, Any]) -> dict[str, Any]:
-        """``arguments`` with the scope's stop condition joined to each step callback diffusers takes.
+    def _step_arguments(self, generate: Any, arguments: dict[str, Any], captured: dict[str, Any]) -> dict[str, Any]:
+        """``arguments`` with our step-end callback on each denoising loop of ``generate``.
 
-        Generation ends by raising, not with the interrupt flag: Stable Cascade's loops ignore the
-        flag and PixArt's have none, and a half-denoised image is of no use to a stopped caller.
+        After the caller's own callback (unchanged, on its own steps), it keeps the loop's latents
+        in ``captured`` (the last step's are what diffusers decodes, and what refinement starts
+        from), and inside a `refinement_scope` with a stop condition it ends the loop once that
+        says stop. Generation ends by raising, not with the interrupt flag: Stable Cascade's loops
+        ignore the flag and PixArt's have none, and a half-denoised image is of no use to a
+        stopped caller.
         """
         should_stop = self._scope.should_stop
-        if should_stop is None:
-            return arguments
         arguments = dict(arguments)
         parameters = inspect.signature(generate).parameters
-        if not any(name in parameters for name in _STEP_CALLBACKS) and "callback" in parameters:
-            arguments["callback"], arguments["callback_steps"] = _legacy_stop_callback(
-                should_stop, arguments.get("callback"), arguments.get("callback_steps") or 1
-            )
+        if not any(name in parameters for name in _STEP_CALLBACKS):
+            if "callback" in parameters:  # PixArt: only the legacy (step, timestep, latents) callback
+                arguments["callback"], arguments["callback_steps"] = _legacy_step_callback(
+                    captured, should_stop, arguments.get("callback"), arguments.get("callback_steps") or 1
+                )
             return arguments
-        for name in _STEP_CALLBACKS:
+        for name, key in _STEP_CALLBACKS.items():
             if name not in parameters:
                 continue
             callback = arguments.get(name)
-            if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-                # diffusers reads a callback object's tensor inputs itself; a plain function loses them.
-                arguments[f"{name}_tensor_inputs"] = callback.tensor_inputs
-            arguments[name] = _step_end_stop_callback(should_stop, callback)
+            declared = parameters.get(f"{name}_tensor_inputs")
+            if declared is not None:
+                inputs = arguments.get(f"{name}_tensor_inputs") or declared.default
+                if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+                    # diffusers reads a callback object's tensor inputs itself; a plain function loses them.
+                    inputs = callback.tensor_inputs
+                arguments[f"{name}_tensor_inputs"] = [*inputs, *(["latents"] if "latents" not in inputs else [])]
+            arguments[name] = _step_end_callback(captured, key, should_stop, callback)
         return arguments
 
     def _loops(self) -> list[DiffusionPipeline]:
@@ -383,39 +387,45 @@ class RefineMixin:
 
         valid = [i for i in range(len(images)) if self._check_image(images[i], flagged[i], records[i])]
         reports = self._score(images, valid, prompts, records)
-        final = images
+        latents = captured.get("latents")
+        size = tuple(images.shape[-2:])
+        items: dict[int, RefineItem] = {}
         for i, report in reports.items():
             record = records[i]
             if record.arm == "control":
                 record.reason = "control arm: scored only"
-                continue
-            if not self._scope.refine:
+            elif not self._scope.refine:
                 record.reason = "scored only: refinement off for this call"
-                continue
-            if not policy.needs_refinement(report.p, report.a):
+            elif not policy.needs_refinement(report.p, report.a):
                 record.reason = f"p {report.p:.2f} >= {policy.p_threshold:.2f}"
                 if not unscored[i]:
                     record.reason += f" and a {report.a:.2f} >= {policy.a_threshold:.2f}"
-                continue
-            if self._scope.should_stop is not None and self._scope.should_stop():
+            elif self._scope.should_stop is not None and self._scope.should_stop():
                 record.reason = "not refined: stopped before refinement"
-                continue
-            request = StageRequest(
-                image=images[i].float(),
-                prompt=prompts[i],
-                negative_prompt=negatives[i],
-                strength=1.0,
+            else:
+                fits = latents is not None and self.refine_backend.latents_fit(latents[i], size)
+                items[i] = RefineItem(
+                    image=images[i],
+                    report=report,
+                    prompt=prompts[i],
+                    negative_prompt=negatives[i],
+                    generator=generators[i],
+                    latents=latents[i] if fits else None,
+                    extras=self._image_extras(captured, i),
+                    prompt_embeddings=embeddings[i],
+                )
+        final = images
+        if items:
+            call = RefineCall(
                 num_inference_steps=steps,
-                generator=generators[i],
                 call_kwargs={name: arguments[name] for name in REFINE_CALL_ARGUMENTS if name in arguments},
-                extras=self._image_extras(captured, i),
                 should_stop=self._scope.should_stop,
-                prompt_embeddings=embeddings[i],
             )
-            refined = self._refine(report, request, record)
-            if refined is not None:
-                final = final if final is not images else images.clone()
-                final[i] = refined.to(images.dtype)
+            refined = self._refine(items, call, records)
+            if refined:
+                final = images.clone()
+                for i, image in refined.items():
+                    final[i] = image.to(images.dtype)
         for i in reports:
             if unscored[i]:
                 # The scorer had no text: its a = 1 means nothing, and there was no prompt to emphasise.
@@ -483,31 +493,45 @@ class RefineMixin:
             record.emphasized_prompt = report.emphasized_prompt
         return dict(zip(valid, reports))
 
-    def _refine(self, report: QualityReport, request: StageRequest, record: QualityRecord) -> torch.Tensor | None:
-        """Runs the refiner; returns the image to use, or None to keep the generated one."""
+    def _refine(
+        self, items: dict[int, RefineItem], call: RefineCall, records: list[QualityRecord]
+    ) -> dict[int, torch.Tensor]:
+        """Refines the images of ``items`` (by output index) and fills their records; returns the
+        refined images to use, by index (the others keep their generated image)."""
         refiner = Refiner(self.refine_backend, self.quality_scorer(), self._active_policy())
         try:
-            outcome = refiner.refine(request.image, report, request)
+            outcomes = refiner.refine(list(items.values()), call)
         except RefinementInterrupted as stop:
-            record.decision, record.reason = "failed", f"refinement interrupted ({stop}); generated image returned"
-            record.timings.update(stop.timings)
-            return None
+            for i in items:
+                records[i].decision = "failed"
+                records[i].reason = f"refinement interrupted ({stop}); generated image returned"
+                records[i].timings.update(stop.timings)
+            return {}
         except Exception as error:
-            record.decision, record.reason = "failed", "refinement raised"
-            record.error = f"{type(error).__name__}: {error}"
+            for i in items:
+                records[i].decision, records[i].reason = "failed", "refinement raised"
+                records[i].error = f"{type(error).__name__}: {error}"
             if self._active_policy().strict:
                 raise
-            logger.error("grefine-hooks: refinement failed, original image returned: %r", error)
-            return None
-        record.decision, record.reason, record.guard = outcome.decision, outcome.reason, outcome.guard
-        record.stage1_strength, record.stage1_steps = outcome.stage1_strength, outcome.stage1_steps
-        record.stage2_strength, record.stage2_steps = outcome.stage2_strength, outcome.stage2_steps
-        record.maps["mask_share"] = outcome.mask.share
-        record.timings.update(outcome.timings)
-        if outcome.after is not None:
-            record.p_after, record.a_after = outcome.after.p, outcome.after.a
-        return outcome.image if outcome.decision == "refined" else None
-
+            logger.error("grefine-hooks: refinement failed, original images returned: %r", error)
+            return {}
+        refined = {}
+        for i, outcome in zip(items, outcomes):
+            record = records[i]
+            record.timings.update(outcome.timings)
+            if outcome.decision == "failed":
+                record.decision, record.reason, record.error = "failed", "refinement raised", outcome.error
+                logger.error("grefine-hooks: refinement failed, original image returned: %s", outcome.error)
+                continue
+            record.decision, record.reason, record.guard = outcome.decision, outcome.reason, outcome.guard
+            record.stage1_strength, record.stage1_steps = outcome.stage1_strength, outcome.stage1_steps
+            record.maps["mask_share"] = outcome.mask.share
+            record.stage2_strength, record.stage2_steps = outcome.stage2_strength, outcome.stage2_steps
+            if outcome.after is not None:
+                record.p_after, record.a_after = outcome.after.p, outcome.after.a
+            if outcome.decision == "refined":
+                refined[i] = outcome.image
+        return refined
 
     def _finish(self, records: list[QualityRecord]) -> None:
         """Keeps the records on the pipeline and appends them to the log, unless that fails.
@@ -533,34 +557,39 @@ class RefineMixin:
 
 
 class _GenerationStopped(Exception):
-    """Raised from a legacy ``callback`` to end a loop that has no interrupt flag."""
+    """Raised from a step callback to end a generation loop (not every family has an interrupt flag)."""
 
 
-def _step_end_stop_callback(should_stop: Callable[[], bool], callback: Any) -> Callable:
-    """A ``callback_on_step_end``: the caller's callback, then the stop condition."""
+def _step_end_callback(
+    captured: dict[str, Any], key: str, should_stop: Callable[[], bool] | None, callback: Any
+) -> Callable:
+    """A ``callback_on_step_end``: the caller's callback, then keep the step's latents (the caller's
+    if it returned new ones) under ``key``, then the stop condition."""
 
-    def stop(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    def step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         outputs = callback(pipe, step, timestep, tensors) if callback is not None else {}
-        if should_stop():
+        captured[key] = outputs.get("latents", tensors.get("latents"))
+        if should_stop is not None and should_stop():
             raise _GenerationStopped
         return outputs
 
-    return stop
+    return step_end
 
 
-def _legacy_stop_callback(
-    should_stop: Callable[[], bool], callback: Callable | None, callback_steps: int
+def _legacy_step_callback(
+    captured: dict[str, Any], should_stop: Callable[[], bool] | None, callback: Callable | None, callback_steps: int
 ) -> tuple[Callable[[int, Any, torch.Tensor], None], int]:
     """A legacy ``(step, timestep, latents)`` callback run every step: the caller's on its own
-    steps, then the stop condition."""
+    steps, then keep the latents, then the stop condition."""
 
-    def stop(step: int, timestep: Any, latents: torch.Tensor) -> None:
+    def step_end(step: int, timestep: Any, latents: torch.Tensor) -> None:
         if callback is not None and step % callback_steps == 0:
             callback(step, timestep, latents)
-        if should_stop():
+        captured["latents"] = latents
+        if should_stop is not None and should_stop():
             raise _GenerationStopped
 
-    return stop, 1
+    return step_end, 1
 
 
 def _requested_images(pipe: DiffusionPipeline, arguments: dict[str, Any]) -> int:
@@ -707,7 +736,8 @@ class RefinedStableCascadeCombinedPipeline(RefineMixin, StableCascadeCombinedPip
     """`StableCascadeCombinedPipeline` with G-Refine scoring and refinement in the decoder's latents.
 
     The prior's image embeddings of each generated image condition its refinement; they are
-    captured through ``prior_callback_on_step_end`` (a callback you pass still runs first).
+    captured through ``prior_callback_on_step_end`` (a callback you pass still runs first), as the
+    decoder's final latents are through ``callback_on_step_end``.
 
     ``from_pretrained`` also loads checkpoints that record their VQGAN as ``("wuerstchen",
     "PaellaVQModel")``, as the published Stable Cascade ones do: diffusers 0.42 moved that module
@@ -719,21 +749,8 @@ class RefinedStableCascadeCombinedPipeline(RefineMixin, StableCascadeCombinedPip
         with _wuerstchen_module_name():
             return super().from_pretrained(*args, **kwargs)
 
-    def _capture_arguments(self, arguments: dict[str, Any], captured: dict[str, Any]) -> dict[str, Any]:
-        user_callback = arguments.get("prior_callback_on_step_end")
-        inputs = list(arguments.get("prior_callback_on_step_end_tensor_inputs") or ["latents"])
-        if "latents" not in inputs:
-            inputs.append("latents")
-
-        def capture(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            outputs = user_callback(pipe, step, timestep, tensors) if user_callback is not None else {}
-            captured["image_embeddings"] = outputs.get("latents", tensors["latents"])
-            return outputs
-
-        return {"prior_callback_on_step_end": capture, "prior_callback_on_step_end_tensor_inputs": inputs}
-
     def _image_extras(self, captured: dict[str, Any], index: int) -> dict[str, Any]:
-        embeddings = captured.get("image_embeddings")
+        embeddings = captured.get("prior_latents")
         return {} if embeddings is None else {"image_embeddings": embeddings[index]}
 
 

@@ -154,10 +154,20 @@ def _rows(seen: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompt_embeddings_condition_every_refine_stage(family, scorer):
+def test_prompt_embeddings_condition_every_refine_stage(family, scorer, monkeypatch):
     pipe = wrap(_pipe(family), policy=RefinePolicy(p_threshold=1.0, a_threshold=1.0), scorer=scorer)
     embeddings = _weighted_embeddings(family, pipe)
     calls, sources = _conditioning_seen(family, pipe)
+    stages = []  # (masked, images in the stage call, its denoiser calls' slice of ``calls``)
+    run = pipe.refine_backend.run
+
+    def recording(request):
+        start = len(calls)
+        output = run(request)
+        stages.append((request.masks is not None, len(request.prompts), slice(start, len(calls))))
+        return output
+
+    monkeypatch.setattr(pipe.refine_backend, "run", recording)
     output = pipe(**embeddings, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
                   **tiny_call_kwargs(family, 4))
 
@@ -174,18 +184,25 @@ def test_prompt_embeddings_condition_every_refine_stage(family, scorer):
         assert record.reason.endswith("alignment not scored: the prompt came as embeddings (prompt_embeds), not text")
         assert record.prompt is None and record.emphasized_prompt is None and record.phrases == []
 
-    # Every denoiser call, generation and refinement, saw only the caller's rows; each refinement
-    # call saw the row of its own image's prompt (images 0, 1 -> prompt 0; 2, 3 -> prompt 1).
-    refine_rows = []
+    # Every denoiser call, generation and refinement, saw only the caller's rows (``_rows`` checks);
+    # each refine stage call saw its images' own rows, in image order (images 0, 1 -> prompt 0;
+    # 2, 3 -> prompt 1): stage 2 takes all four at once, stage 1 those with a mask.
     for call in calls:
         for name, (positive, negative) in sources.items():
-            labels = _rows(call[name], embeddings[positive], embeddings[negative])
-            prompts_seen = {j for kind, j in labels if kind == "pos"}
-            assert prompts_seen, "a denoiser call without the caller's prompt"
-            if len(labels) <= 2:  # one image (and its negative): a refine stage
-                refine_rows.append(prompts_seen.pop())
-    assert len(refine_rows) >= 2 * 4 * len(sources)  # two stages for each of the four images
-    assert refine_rows == sorted(refine_rows) and set(refine_rows) == {0, 1}
+            assert {kind for kind, _ in _rows(call[name], embeddings[positive], embeddings[negative])} >= {"pos"}
+    stage1_images = 0
+    for masked, images, denoiser_calls in stages:
+        assert calls[denoiser_calls], "a refine stage without a denoiser call"
+        stage1_images += images if masked else 0
+        for call in calls[denoiser_calls]:
+            for name, (positive, negative) in sources.items():
+                labels = _rows(call[name], embeddings[positive], embeddings[negative])
+                rows = [j for kind, j in labels if kind == "pos"]
+                assert len(rows) == images and rows == sorted(rows)
+                if not masked:
+                    assert rows == [0, 0, 1, 1]
+    assert [masked for masked, _, _ in stages].count(False) == 1
+    assert stage1_images == sum(r.stage1_strength is not None for r in output.quality)
 
 
 def test_prompt_embeddings_with_refinement_off_and_on_a_stopped_call(scorer):
@@ -238,9 +255,9 @@ def _stage(pipe: DiffusionPipeline) -> torch.Tensor:
     from grefine_hooks.refine.backends import StageRequest
 
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
-    request = StageRequest(image=image, prompt=PROMPT, negative_prompt=None, strength=0.6, num_inference_steps=4,
-                           generator=torch.Generator().manual_seed(1))
-    return pipe.refine_backend.run(request, None)
+    request = StageRequest(images=image[None], prompts=[PROMPT], negative_prompts=[None], strength=0.6,
+                           num_inference_steps=4, generators=[torch.Generator().manual_seed(1)])
+    return pipe.refine_backend.run(request)[0]
 
 
 def _diffusers_img2img(pipe: DiffusionPipeline) -> torch.Tensor:

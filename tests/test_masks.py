@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from grefine_hooks.policy import RefinePolicy
-from grefine_hooks.refine.masks import composite, dilate, gaussian_blur, latent_mask, need_map, refine_mask
+from grefine_hooks.refine.masks import (
+    composite,
+    dilate,
+    gaussian_blur,
+    latent_mask,
+    latent_weight,
+    need_map,
+    refine_mask,
+)
 
 
 def test_need_map_is_low_quality_or_misalignment():
@@ -56,12 +64,24 @@ def test_good_image_gives_an_empty_mask():
     assert mask.share == 0 and mask.soft.max() == 0
 
 
-def test_latent_mask_rounds_up():
-    binary = torch.zeros(8, 8)
-    binary[3, 5] = 1
-    expected = torch.zeros(4, 4)
-    expected[1, 2] = 1
+def test_latent_mask_rounds_up_per_image():
+    binary = torch.zeros(2, 8, 8)
+    binary[0, 3, 5] = 1
+    binary[1, 0, 0] = 1
+    expected = torch.zeros(2, 1, 4, 4)
+    expected[0, 0, 1, 2] = 1
+    expected[1, 0, 0, 0] = 1
     assert torch.equal(latent_mask(binary, (4, 4)), expected)
+
+
+def test_latent_weight_is_the_mean_of_each_cells_pixels():
+    soft = torch.zeros(8, 8)
+    soft[0:2, 0:2] = 1.0  # cell (0, 0) wholly inside
+    soft[2, 2] = 1.0  # one pixel of cell (1, 1)
+    soft[4:6, 6:8] = 0.5
+    expected = torch.zeros(4, 4)
+    expected[0, 0], expected[1, 1], expected[2, 3] = 1.0, 0.25, 0.5
+    assert torch.equal(latent_weight(soft, (4, 4)), expected)
 
 
 def test_composite_is_exact_where_the_weight_is_zero():

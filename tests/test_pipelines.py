@@ -227,7 +227,7 @@ def test_safety_checker_black_image_is_skipped(scorer):
 def test_failing_refine_stage_returns_the_original_and_strict_raises(scorer, monkeypatch):
     pipe = wrap(_pipe("sd15"), policy=REFINE_ALL, scorer=scorer)
 
-    def out_of_memory(request, mask):
+    def out_of_memory(request):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(pipe.refine_backend, "run", out_of_memory)
@@ -246,16 +246,19 @@ def test_guard_reverts_when_scores_drop(scorer, monkeypatch):
     pipe = wrap(_pipe("sd15"), policy=RefinePolicy(p_threshold=1.0, a_threshold=1.0, guard=True), scorer=scorer)
     plain = _call(_pipe("sd15"), "sd15")
     score = scorer.score
+    calls = []
 
     def worse_after_refinement(images, prompts=None):
         reports = score(images, prompts)
-        if not isinstance(reports, list):  # the guard re-scores one image
-            reports.p = 0.0
+        calls.append(len(reports))
+        if len(calls) == 2:  # the first call scores the generated image, the second is the guard's
+            reports[0].p = 0.0
         return reports
 
     monkeypatch.setattr(scorer, "score", worse_after_refinement)
     output = _call(pipe, "sd15")
     [record] = output.quality
+    assert calls == [1, 1]
     assert record.decision == "reverted" and record.guard.startswith("reverted: p ")
     assert record.p_after == 0.0
     assert np.array_equal(_pixels(output.images), _pixels(plain.images))

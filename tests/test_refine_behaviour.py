@@ -7,7 +7,11 @@ the stages return. The tiny SD 1.5 pipeline runs with a DDIM scheduler here (bui
 config), so that one scheduled step is exactly one denoiser call (PNDM adds a warm-up call).
 
 Only the ``stage_spy`` fixture looks at an internal (``RefineBackend.run``, to see each stage's
-input image): ``test_stage2_refines_stage1s_result`` and ``test_empty_mask_runs_stage2_only`` use it.
+input and output): the stage-chain tests use it.
+
+Refinement normally starts from the denoiser's final latents of the generated image (captured here
+as the refined pipeline captures them); the chain tests also run the pixel path that images without
+latents take.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from grefine_hooks import RefinePolicy, wrap
-from grefine_hooks.refine.backends import StageRequest, backend_for
-from grefine_hooks.refine.masks import composite
-from grefine_hooks.refine.refiner import Refiner
+from grefine_hooks.refine.backends import backend_for
+from grefine_hooks.refine.masks import composite, latent_weight
+from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner
 from grefine_hooks.scoring.scorer import QualityReport
 from grefine_hooks.testing import tiny_call_kwargs, tiny_pipeline
 
@@ -42,9 +46,22 @@ def sd15():
 
 
 @pytest.fixture(scope="module")
-def image(sd15):
-    return sd15(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt",
-                **tiny_call_kwargs("sd15", 4)).images[0].float()
+def generated(sd15):
+    """The generated image ``(3, H, W)`` and the UNet's final latents of it ``(4, h, w)``."""
+    captured = {}
+
+    def keep(pipe, step, timestep, tensors):
+        captured["latents"] = tensors["latents"]
+        return {}
+
+    output = sd15(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt", callback_on_step_end=keep,
+                  **tiny_call_kwargs("sd15", 4))
+    return output.images[0].float(), captured["latents"][0]
+
+
+@pytest.fixture(scope="module")
+def image(generated):
+    return generated[0]
 
 
 class DenoiserCalls:
@@ -82,9 +99,13 @@ def unet_calls(sd15):
 
 @dataclass
 class StageCall:
+    """One image's view of one stage call: its input (pixels and latents), mask, prompt and output."""
+
     image: torch.Tensor
+    latents: torch.Tensor | None
     prompt: str | None
     mask: torch.Tensor | None
+    decode: bool
     output: torch.Tensor
 
 
@@ -99,10 +120,14 @@ def stage_spy(monkeypatch):
         calls: list[StageCall] = []
         run = backend.run
 
-        def recording(request, mask):
-            output = run(request, mask)
-            calls.append(StageCall(request.image.clone(), request.prompt, None if mask is None else mask.clone(),
-                                   output.clone()))
+        def recording(request):
+            output = run(request)
+            assert len(request.prompts) == 1  # one image per call here
+            calls.append(StageCall(
+                request.images[0].clone(), None if request.latents is None else request.latents[0].clone(),
+                request.prompts[0], None if request.masks is None else request.masks[0].clone(), request.decode,
+                output[0].clone(),
+            ))
             return output
 
         monkeypatch.setattr(backend, "run", recording)
@@ -124,9 +149,12 @@ def _report(p=0.3, a=0.9, bad=None, emphasised=EMPHASISED) -> QualityReport:
                          factors={})
 
 
-def _request(image, steps, seed=1):
-    return StageRequest(image=image, prompt=PROMPT, negative_prompt=None, strength=1.0, num_inference_steps=steps,
-                        generator=torch.Generator().manual_seed(seed))
+def _refine(backend, scorer, policy, image, report, steps, seed=1, latents=None):
+    """The outcome of refining one image through the refiner's batched entry point."""
+    item = RefineItem(image=image, report=report, prompt=PROMPT, generator=torch.Generator().manual_seed(seed),
+                      latents=latents)
+    [outcome] = Refiner(backend, scorer, policy).refine([item], RefineCall(num_inference_steps=steps))
+    return outcome
 
 
 SHARP = dict(mask_blur=0.0, mask_dilation=0.0, mask_feather=0.02)
@@ -150,7 +178,7 @@ SHARP = dict(mask_blur=0.0, mask_dilation=0.0, mask_feather=0.02)
 @torch.no_grad()
 def test_stage_steps_are_exactly_as_documented(sd15, image, unet_calls, p, a, policy_kwargs, steps, expected):
     policy = RefinePolicy(guard=False, **SHARP, **policy_kwargs)
-    outcome = Refiner(backend_for(sd15), None, policy).refine(image, _report(p, a), _request(image, steps))
+    outcome = _refine(backend_for(sd15), None, policy, image, _report(p, a), steps)
     (scheduled1, run1), (scheduled2, run2) = expected
     assert (outcome.stage1_steps, outcome.stage2_steps) == (scheduled1, scheduled2)
     assert [len(run) for run in unet_calls.runs()] == [run1, run2]
@@ -186,7 +214,7 @@ def test_stage1_conditions_on_the_emphasised_prompt_and_stage2_on_the_plain_one(
     plain, _ = sd15.encode_prompt(PROMPT, "cpu", 1, True)
     assert not torch.allclose(emphasised, plain)
     policy = RefinePolicy(guard=False, **SHARP)
-    Refiner(backend_for(sd15), None, policy).refine(image, _report(), _request(image, 8))
+    _refine(backend_for(sd15), None, policy, image, _report(), 8)
     stage1, stage2 = unet_calls.runs()
     for index in stage1:
         torch.testing.assert_close(_conditional_rows(unet_calls.states[index]), emphasised)
@@ -198,42 +226,61 @@ def test_stage1_conditions_on_the_emphasised_prompt_and_stage2_on_the_plain_one(
 def test_without_an_emphasised_prompt_stage1_uses_the_plain_one(sd15, image, unet_calls):
     plain, _ = sd15.encode_prompt(PROMPT, "cpu", 1, True)
     policy = RefinePolicy(guard=False, stage2_strength=0.0, **SHARP)
-    Refiner(backend_for(sd15), None, policy).refine(image, _report(emphasised=""), _request(image, 8))
+    _refine(backend_for(sd15), None, policy, image, _report(emphasised=""), 8)
     [stage1] = unet_calls.runs()
     for index in stage1:
         torch.testing.assert_close(_conditional_rows(unet_calls.states[index]), plain)
 
 
 @torch.no_grad()
-def test_stage2_refines_stage1s_result(sd15, image, stage_spy):
-    """Stage 1's blended repaint, not the generated image, is what stage 2 starts from, and stage
-    2's output is what is returned."""
+def test_stage2_refines_stage1s_latents_blended_at_latent_resolution(sd15, generated, stage_spy):
+    """From latents: stage 1 returns latents (no decode), blended into the original latents with
+    the feathered mask averaged over each latent cell; stage 2 starts from exactly those, and its
+    decoded output is what is returned."""
+    image, latents = generated
     backend = backend_for(sd15)
     calls = stage_spy(backend)
-    policy = RefinePolicy(guard=False, **SHARP)
-    outcome = Refiner(backend, None, policy).refine(image, _report(), _request(image, 8))
+    outcome = _refine(backend, None, RefinePolicy(guard=False, **SHARP), image, _report(), 8, latents=latents)
     first, second = calls
-    assert first.mask is not None and torch.equal(first.mask, outcome.mask.binary) and second.mask is None
+    assert torch.equal(first.mask, outcome.mask.binary) and second.mask is None
+    assert torch.equal(first.latents, latents) and not first.decode and second.decode
+    weight = latent_weight(outcome.mask.soft, tuple(latents.shape[-2:]))
+    blended = composite(latents, first.output, weight)
+    assert (blended - latents).abs()[:, weight == 1].mean() > 0.05  # stage 1 did repaint the square
+    assert torch.equal(blended[:, weight == 0], latents[:, weight == 0])
+    assert torch.equal(second.latents, blended)
+    assert torch.equal(outcome.image, second.output)
+
+
+@torch.no_grad()
+def test_stage2_refines_stage1s_blended_pixels_without_latents(sd15, image, stage_spy):
+    """From pixels (no latents): stage 1 decodes, is blended in pixels, and stage 2 starts there."""
+    backend = backend_for(sd15)
+    calls = stage_spy(backend)
+    outcome = _refine(backend, None, RefinePolicy(guard=False, **SHARP), image, _report(), 8)
+    first, second = calls
+    assert first.decode and first.latents is None and second.latents is None
     blended = composite(image, first.output, outcome.mask.soft)
-    assert torch.equal(outcome.stage1_image, blended)
     inside = outcome.mask.binary == 1
     assert (blended - image).abs()[:, inside].mean() > 0.02  # stage 1 did repaint the square
     assert torch.equal(second.image, blended)
     assert torch.equal(outcome.image, second.output)
 
 
+@pytest.mark.parametrize("from_latents", [True, False])
 @torch.no_grad()
-def test_empty_mask_runs_stage2_only(sd15, image, unet_calls, stage_spy):
+def test_empty_mask_runs_stage2_only(sd15, generated, unet_calls, stage_spy, from_latents):
     """All-good maps: no stage 1 (not one denoiser call), stage 2 on the generated image."""
+    image, latents = generated
     backend = backend_for(sd15)
     calls = stage_spy(backend)
-    outcome = Refiner(backend, None, RefinePolicy(guard=False)).refine(
-        image, _report(bad=torch.zeros(SIDE, SIDE)), _request(image, 30)
-    )
-    assert outcome.mask.share == 0 and outcome.stage1_image is None and outcome.stage1_steps is None
+    outcome = _refine(backend, None, RefinePolicy(guard=False), image, _report(bad=torch.zeros(SIDE, SIDE)), 30,
+                      latents=latents if from_latents else None)
+    assert outcome.mask.share == 0 and outcome.stage1_strength is None and outcome.stage1_steps is None
     assert outcome.reason == "p 0.30 < 0.50; empty mask, stage 2 only"
     [stage2] = calls
     assert stage2.mask is None and torch.equal(stage2.image, image)
+    assert torch.equal(stage2.latents, latents) if from_latents else stage2.latents is None
     assert [len(run) for run in unet_calls.runs()] == [2]  # int(15 * 0.15)
     assert torch.equal(outcome.image, stage2.output)
 
@@ -248,9 +295,8 @@ DROP = 0.1
 @pytest.fixture(scope="module")
 def refined_and_rescored(sd15, image, scorer):
     """The refined image without a guard and the scorer's own re-score of it."""
-    outcome = Refiner(backend_for(sd15), scorer, RefinePolicy(guard=False, **FIXED_STRENGTH)).refine(
-        image, _report(), _request(image, 8, seed=5)
-    )
+    outcome = _refine(backend_for(sd15), scorer, RefinePolicy(guard=False, **FIXED_STRENGTH), image, _report(), 8,
+                      seed=5)
     return outcome.image, scorer.score(outcome.image, PROMPT)
 
 
@@ -264,9 +310,7 @@ def test_guard_tolerance_on_both_sides_of_a_real_drop(sd15, image, scorer, refin
     before[score] += DROP  # this score fell by DROP; the other one rose
     before["a" if score == "p" else "p"] -= DROP
     policy = RefinePolicy(guard=True, guard_tolerance=tolerance, **FIXED_STRENGTH)
-    outcome = Refiner(backend_for(sd15), scorer, policy).refine(
-        image, _report(**before), _request(image, 8, seed=5)
-    )
+    outcome = _refine(backend_for(sd15), scorer, policy, image, _report(**before), 8, seed=5)
     assert outcome.after.p == pytest.approx(rescore.p, abs=1e-6)
     assert outcome.after.a == pytest.approx(rescore.a, abs=1e-6)
     assert outcome.decision == decision

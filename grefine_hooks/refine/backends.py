@@ -10,12 +10,17 @@ costs no extra weight memory.
   masked-latent loop of :mod:`.latent_loop` driven by the family's denoiser; Stable Cascade is
   refined in its decoder (stage B) latent space, conditioned on the prior's image embeddings of
   the generated image.
+
+A stage takes a batch of images and starts from their latents when it has them (the denoiser's
+own final latents, or the previous stage's output), so no VAE encode runs; it returns latents for
+the next stage, or decoded images when it is the last one.
 """
 
 from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +32,10 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     StableCascadeCombinedPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
 )
 from diffusers.pipelines.auto_pipeline import (
     AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
@@ -35,36 +44,66 @@ from diffusers.pipelines.auto_pipeline import (
 )
 
 from .latent_loop import LatentDenoiser, masked_latent_denoise
+from .prompts import encode_prompts
 
 LATENT_LOOP_FAMILIES = (PixArtAlphaPipeline, PixArtSigmaPipeline, StableCascadeCombinedPipeline)
+
+#: Stage pipelines whose schedule depends on the strength only through ``int(steps * strength)``
+#: (diffusers' ``get_timesteps`` of SD and SDXL): stages whose strengths round alike run together.
+_STEP_ROUNDED_STAGES = (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
 
 
 @dataclass
 class StageRequest:
-    """One refine stage for one image.
+    """One refine stage for a batch of same-size images, run as one pipeline call.
 
     Attributes:
-        image: ``(3, H, W)`` in [0, 1]. prompt / negative_prompt: the texts to condition on.
+        images: ``(B, 3, H, W)`` in [0, 1], what the stage refines (and the output size).
+        latents: the same images as ``(B, C, h, w)`` latents of the family's denoiser (its final
+            latents of a generation, or a previous stage's output), or None: the stage encodes
+            ``images`` itself.
+        masks: ``(B, H, W)`` 0/1, 1 = repaint (masked inpaint); None refines the whole image.
+        prompts / negative_prompts: one text per image; unused where ``prompt_embeddings`` are given.
+        prompt_embeddings: the prompts already encoded, by diffusers' argument name
+            (``prompt_embeds``, ``pooled_prompt_embeds``, attention masks, negatives...), B rows
+            each; the stage conditions on them and encodes no text.
+        generators: one noise source per image (all None: torch's global one).
         strength: share of the noise schedule to run. num_inference_steps: scheduled iterations.
-        generator: noise source. call_kwargs: the user's generation arguments that also shape
-        refinement (guidance scale, ...). extras: what the family captured during generation.
+        call_kwargs: the user's generation arguments that also shape refinement (guidance scale...).
+        extras: per image, what the family captured during generation.
         should_stop: asked after every denoiser step; True interrupts the stage, which then raises
-        `StageInterrupted` instead of returning a half-denoised image.
-        prompt_embeddings: the caller's encoded prompt instead of text (``prompt_embeds``,
-        ``pooled_prompt_embeds``, attention masks, negatives, ... by diffusers' argument name),
-        this image's rows as a batch of one; every stage conditions on them as generation did.
+            `StageInterrupted` instead of returning half-denoised images.
+        decode: True returns ``(B, 3, H, W)`` images in [0, 1]; False returns the refined latents
+            (only for a request with ``latents``), for the next stage.
     """
 
-    image: torch.Tensor
-    prompt: str | None
-    negative_prompt: str | None
+    images: torch.Tensor
+    prompts: list[str | None]
+    negative_prompts: list[str | None]
+    generators: list[torch.Generator | None]
     strength: float
     num_inference_steps: int
-    generator: torch.Generator | None
+    latents: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    prompt_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     call_kwargs: dict[str, Any] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: list[dict[str, Any]] = field(default_factory=list)
     should_stop: Callable[[], bool] | None = None
-    prompt_embeddings: dict[str, Any] = field(default_factory=dict)
+    decode: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.decode and self.latents is None:
+            raise ValueError("a stage that returns latents needs latents to start from")
+
+    @property
+    def generator(self) -> list[torch.Generator] | None:
+        """The generators as diffusers takes them: None when there are none, else one per image."""
+        return None if all(g is None for g in self.generators) else list(self.generators)
 
 
 class StageInterrupted(Exception):
@@ -72,14 +111,39 @@ class StageInterrupted(Exception):
 
 
 class RefineBackend(ABC):
-    """Runs a stage: masked inpaint when given a mask, global image-to-image without one."""
+    """Runs a stage: masked inpaint when given masks, global image-to-image without them."""
 
     def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
 
     @abstractmethod
-    def run(self, request: StageRequest, mask: torch.Tensor | None) -> torch.Tensor:
-        """``mask`` ``(H, W)`` 0/1 (1 = repaint) or None -> the refined ``(3, H, W)`` in [0, 1]."""
+    def run(self, request: StageRequest) -> torch.Tensor:
+        """The refined batch: latents, or ``(B, 3, H, W)`` images in [0, 1] if ``request.decode``."""
+
+    @abstractmethod
+    def latent_geometry(self) -> tuple[int, int]:
+        """(channels, pixels per latent cell) of the latents the family's denoiser produces."""
+
+    def latents_fit(self, latents: Any, size: tuple[int, int]) -> bool:
+        """Whether ``latents`` (one image's, captured during generation) encode an image of ``size``.
+
+        False for packed latents (Flux) and for PixArt's resolution binning at sizes off its bins,
+        where the stages then encode the image instead.
+        """
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 3:
+            return False
+        channels, scale = self.latent_geometry()
+        return latents.shape[0] == channels and tuple(side * scale for side in latents.shape[-2:]) == tuple(size)
+
+    def schedule_key(self, num_inference_steps: int, strength: float) -> Hashable:
+        """Stages with equal keys run the same timesteps, so their images can share one call."""
+        return num_inference_steps, strength
+
+    def encode_prompts(
+        self, prompts: list[str], negative_prompts: list[str | None], call_kwargs: dict[str, Any]
+    ) -> dict[str, torch.Tensor] | None:
+        """The prompts encoded once for every stage (see :mod:`.prompts`), or None."""
+        return encode_prompts(self.pipe, prompts, negative_prompts, call_kwargs)
 
 
 def _diffusers_class(pipeline_class: type) -> type | None:
@@ -159,6 +223,17 @@ def _embedding_arguments(function: Any, request: StageRequest) -> dict[str, Any]
     return dict(request.prompt_embeddings)
 
 
+def _text_arguments(request: StageRequest) -> dict[str, Any]:
+    """``prompt`` / ``negative_prompt`` texts for what the request's embeddings do not already cover."""
+    texts: dict[str, Any] = {}
+    if "prompt_embeds" not in request.prompt_embeddings:
+        texts["prompt"] = list(request.prompts)
+    if not any(name.startswith("negative_") for name in request.prompt_embeddings):
+        negatives = request.negative_prompts
+        texts["negative_prompt"] = None if all(t is None for t in negatives) else [t or "" for t in negatives]
+    return texts
+
+
 class DiffusersBackend(RefineBackend):
     """diffusers' own inpaint and image-to-image pipelines over the generator's modules."""
 
@@ -173,31 +248,43 @@ class DiffusersBackend(RefineBackend):
     def img2img_pipeline(self) -> DiffusionPipeline:
         return derive_pipeline(self.pipe, self.img2img_class)
 
-    def run(self, request: StageRequest, mask: torch.Tensor | None) -> torch.Tensor:
-        image = request.image[None]
-        height, width = image.shape[-2:]
+    def latent_geometry(self) -> tuple[int, int]:
+        return self.pipe.vae.config.latent_channels, self.pipe.vae_scale_factor
+
+    def schedule_key(self, num_inference_steps: int, strength: float) -> Hashable:
+        if issubclass(self.inpaint_class, _STEP_ROUNDED_STAGES) and issubclass(self.img2img_class, _STEP_ROUNDED_STAGES):
+            # diffusers runs the last int(steps * strength) timesteps; strength 1 also starts from pure noise.
+            return num_inference_steps, int(num_inference_steps * strength), strength == 1.0
+        return super().schedule_key(num_inference_steps, strength)
+
+    def run(self, request: StageRequest) -> torch.Tensor:
+        height, width = request.images.shape[-2:]
         arguments = {
             **request.call_kwargs,
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
-            "image": image,
+            **_text_arguments(request),
+            # diffusers' image-to-image and inpaint pipelines take latents for ``image`` and skip the encode.
+            "image": request.images if request.latents is None else request.latents,
             "strength": request.strength,
             "num_inference_steps": request.num_inference_steps,
             "generator": request.generator,
-            "output_type": "pt",
+            "output_type": "pt" if request.decode else "latent",
         }
-        if mask is None:
+        if request.masks is None:
             stage = self.img2img_pipeline()
         else:
             stage = self.inpaint_pipeline()
-            arguments.update(mask_image=mask[None, None], height=height, width=width)
+            arguments.update(mask_image=request.masks[:, None], height=height, width=width)
+            if request.latents is not None:
+                # Read only by 9-channel inpainting denoisers, which no text-to-image pipeline has;
+                # given, it spares the encode of a masked copy of the image.
+                arguments["masked_image_latents"] = request.latents
         if request.should_stop is not None:
             arguments["callback_on_step_end"] = stop_callback(request.should_stop)
         arguments = {**_accepted(stage.__call__, arguments), **_embedding_arguments(stage.__call__, request)}
         output = stage(**arguments)
         if getattr(stage, "_interrupt", False):
             raise StageInterrupted
-        return output.images[0].float()
+        return output.images.float() if request.decode else output.images
 
 
 class PixArtDenoiser:
@@ -208,7 +295,7 @@ class PixArtDenoiser:
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
         self.guidance_scale = _call_value(pipe, request, "guidance_scale")
-        self.size = tuple(request.image.shape[-2:])
+        self.size = tuple(request.images.shape[-2:])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
@@ -234,14 +321,14 @@ class PixArtDenoiser:
 
     def conditioning(self, request: StageRequest) -> dict[str, Any]:
         guided = self.guidance_scale > 1.0
-        max_length = _call_value(self.pipe, request, "max_sequence_length")
+        text = _text_arguments(request)
         embeds, mask, negative_embeds, negative_mask = self.pipe.encode_prompt(
-            request.prompt,
+            text.get("prompt"),
             do_classifier_free_guidance=guided,
-            negative_prompt=request.negative_prompt or "",
+            negative_prompt=text.get("negative_prompt") or "",
             device=self.device,
             clean_caption=False,
-            max_sequence_length=max_length,
+            max_sequence_length=_call_value(self.pipe, request, "max_sequence_length"),
             **_embedding_arguments(self.pipe.encode_prompt, request),
         )
         if guided:
@@ -275,7 +362,7 @@ class PixArtDenoiser:
         return prediction
 
     def step(self, scheduler: Any, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor,
-             generator: torch.Generator | None) -> torch.Tensor:
+             generator: list[torch.Generator] | None) -> torch.Tensor:
         extra = _accepted(scheduler.step, {"generator": generator})
         return scheduler.step(prediction, timestep, latents, **extra, return_dict=False)[0]
 
@@ -289,8 +376,8 @@ class CascadeDenoiser:
                 "Stable Cascade refinement needs the decoder's DDPMWuerstchenScheduler, "
                 f"got {type(pipe.scheduler).__name__}"
             )
-        if "image_embeddings" not in request.extras:
-            raise ValueError("Stable Cascade refinement needs the prior's image_embeddings of the generated image")
+        if len(request.extras) != len(request.images) or any("image_embeddings" not in e for e in request.extras):
+            raise ValueError("Stable Cascade refinement needs the prior's image_embeddings of every generated image")
         self.pipe = pipe
         self.device = pipe._execution_device
         self.dtype = pipe.decoder.dtype
@@ -316,19 +403,20 @@ class CascadeDenoiser:
 
     def conditioning(self, request: StageRequest) -> dict[str, Any]:
         """The decoder's text conditioning as the combined pipeline gives it: the prior's encoding
-        of the prompt (or the caller's embeddings), not the decoder's own text encoder."""
+        of the prompt (or the given embeddings), not the decoder's own text encoder."""
         guided = self.guidance_scale > 1.0
         embeddings = _embedding_arguments(self.pipe.prior_pipe.encode_prompt, request)
+        text = _text_arguments(request)
         _, pooled, _, negative_pooled = self.pipe.prior_pipe.encode_prompt(
             device=self.device,
-            batch_size=1,
+            batch_size=len(request.images),
             num_images_per_prompt=1,
             do_classifier_free_guidance=guided,
-            prompt=request.prompt,
-            negative_prompt=None if "negative_prompt_embeds" in embeddings else request.negative_prompt,
+            prompt=text.get("prompt"),
+            negative_prompt=text.get("negative_prompt"),
             **embeddings,
         )
-        effnet = request.extras["image_embeddings"][None].to(self.device, self.dtype)
+        effnet = torch.stack([extras["image_embeddings"] for extras in request.extras]).to(self.device, self.dtype)
         if guided:
             pooled = torch.cat([pooled, negative_pooled])
             effnet = torch.cat([effnet, torch.zeros_like(effnet)])
@@ -350,7 +438,7 @@ class CascadeDenoiser:
         return prediction
 
     def step(self, scheduler: Any, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor,
-             generator: torch.Generator | None) -> torch.Tensor:
+             generator: list[torch.Generator] | None) -> torch.Tensor:
         ratio = timestep.expand(latents.shape[0]).to(self.dtype)
         return scheduler.step(model_output=prediction, timestep=ratio, sample=latents, generator=generator).prev_sample
 
@@ -369,25 +457,40 @@ class LatentLoopBackend(RefineBackend):
         super().__init__(pipe)
         self.denoiser_class = denoiser_class
 
+    def latent_geometry(self) -> tuple[int, int]:
+        if isinstance(self.pipe, StableCascadeCombinedPipeline):
+            vqgan = self.pipe.vqgan.config
+            return self.pipe.decoder.config.in_channels, vqgan.up_down_scale_factor * 2 ** (vqgan.levels - 1)
+        return self.pipe.vae.config.latent_channels, self.pipe.vae_scale_factor
+
+    def schedule_key(self, num_inference_steps: int, strength: float) -> Hashable:
+        if isinstance(self.pipe, StableCascadeCombinedPipeline):
+            return super().schedule_key(num_inference_steps, strength)  # its time ratios start at strength
+        return num_inference_steps, int(num_inference_steps * strength)  # PixArtDenoiser.timesteps
+
     def size_multiple(self) -> int:
         """Image sides the family's latents tile exactly."""
         if isinstance(self.pipe, StableCascadeCombinedPipeline):
-            vqgan = self.pipe.vqgan.config
             levels = len(self.pipe.decoder.config.block_out_channels)
-            return vqgan.up_down_scale_factor * 2 ** (vqgan.levels - 1) * 2 ** (levels - 1)
+            return self.latent_geometry()[1] * 2 ** (levels - 1)
         return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
 
-    def run(self, request: StageRequest, mask: torch.Tensor | None) -> torch.Tensor:
-        size = tuple(request.image.shape[-2:])
-        multiple = self.size_multiple()
-        work_size = tuple(max(multiple, side // multiple * multiple) for side in size)
-        image = _resize(request.image[None].float(), work_size)
-        work_mask = None if mask is None else (_resize(mask[None, None].float(), work_size)[0, 0] > 0).float()
+    def run(self, request: StageRequest) -> torch.Tensor:
+        size = tuple(request.images.shape[-2:])
         denoiser: LatentDenoiser = self.denoiser_class(self.pipe, request)
+        if request.latents is None:
+            multiple = self.size_multiple()
+            work_size = tuple(max(multiple, side // multiple * multiple) for side in size)
+            latents = denoiser.encode(_resize(request.images.float(), work_size))
+        else:
+            work_size, latents = size, request.latents
+        masks = None
+        if request.masks is not None:
+            masks = (_resize(request.masks[:, None].float(), work_size)[:, 0] > 0).float()
         refined = masked_latent_denoise(
             denoiser,
-            image,
-            work_mask,
+            latents,
+            masks,
             denoiser.conditioning(request),
             request.strength,
             request.num_inference_steps,
@@ -398,7 +501,7 @@ class LatentLoopBackend(RefineBackend):
         )
         if refined is None:
             raise StageInterrupted
-        return _resize(refined, size)[0]
+        return _resize(denoiser.decode(refined), size) if request.decode else refined
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

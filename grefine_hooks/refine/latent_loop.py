@@ -2,10 +2,10 @@
 
 PixArt and Stable Cascade ship only text-to-image pipelines. Refining with them is the classic
 latent-blending inpaint (RePaint-style, as diffusers' own SD inpaint does with a 4-channel UNet):
-encode the image, noise it to the stage's strength, denoise with the family's own denoiser,
+noise the image's latents to the stage's strength, denoise with the family's own denoiser,
 scheduler and prompt encoding, and after every step re-impose the unmasked latents noised to the
-next step's level, so that outside the mask the result converges to the original latents. With an
-all-ones mask the same loop is a global image-to-image pass (stage 2).
+next step's level, so that outside the mask the result converges to the original latents. With no
+mask the same loop is a global image-to-image pass (stage 2).
 
 A family plugs in through a `LatentDenoiser`: how to encode and decode images, which timesteps a
 strength maps to, and how to predict the next sample.
@@ -41,7 +41,7 @@ class LatentDenoiser(Protocol):
 
     def step(
         self, scheduler: Any, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor,
-        generator: torch.Generator | None,
+        generator: list[torch.Generator] | None,
     ) -> torch.Tensor:
         """One scheduler step: the latents at the next timestep."""
 
@@ -49,38 +49,38 @@ class LatentDenoiser(Protocol):
 @torch.no_grad()
 def masked_latent_denoise(
     denoiser: LatentDenoiser,
-    image: torch.Tensor,
-    mask: torch.Tensor | None,
+    latents: torch.Tensor,
+    masks: torch.Tensor | None,
     conditioning: Any,
     strength: float,
     num_inference_steps: int,
-    generator: torch.Generator | None,
+    generator: list[torch.Generator] | None,
     progress_bar: Callable[..., Any],
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor | None:
-    """Re-denoises the masked part of ``image`` and keeps the rest (see the module docstring).
+    """Re-denoises the masked part of each image's latents and keeps the rest (see the module docstring).
 
     Args:
-        denoiser (`LatentDenoiser`): the family's encode/decode/predict/step.
-        image (`torch.Tensor`): ``(1, 3, H, W)`` in [0, 1].
-        mask (`torch.Tensor`, *optional*): ``(H, W)`` 0/1, 1 = refine; None refines everywhere.
-        conditioning: the family's prompt conditioning, passed to ``denoiser.predict``.
+        denoiser (`LatentDenoiser`): the family's predict/step and schedule.
+        latents (`torch.Tensor`): ``(B, C, h, w)``, the images to refine as the family's latents.
+        masks (`torch.Tensor`, *optional*): ``(B, H, W)`` 0/1, 1 = refine; None refines everywhere.
+        conditioning: the family's prompt conditioning for the batch, passed to ``denoiser.predict``.
         strength (`float`): share of the noise schedule to run, in (0, 1].
         num_inference_steps (`int`): scheduled iterations; ``int(steps * strength)`` of them run.
-        generator (`torch.Generator`, *optional*): noise source, for reproducible refinement.
+        generator (`list[torch.Generator]`, *optional*): one noise source per image, for
+            reproducible refinement (each image's noise is drawn from its own generator).
         progress_bar: the pipeline's ``progress_bar`` method, so ``set_progress_bar_config`` applies.
         should_stop (`Callable[[], bool]`, *optional*): asked after every step, as diffusers'
             pipelines ask their interrupt flag; True stops the loop.
 
     Returns:
-        ``(1, 3, H, W)`` in [0, 1], or None when ``should_stop`` stopped the loop (a half-denoised
-        image is not worth decoding).
+        The refined ``(B, C, h, w)`` latents, or None when ``should_stop`` stopped the loop (half
+        denoised latents are not worth decoding).
     """
     scheduler = denoiser.make_scheduler()
-    original = denoiser.encode(image)
-    if mask is None:
-        mask = torch.ones(original.shape[-2:])
-    mask = latent_mask(mask, tuple(original.shape[-2:])).to(device=original.device, dtype=original.dtype)
+    original = latents
+    mask = torch.ones(1, 1, *original.shape[-2:]) if masks is None else latent_mask(masks, tuple(original.shape[-2:]))
+    mask = mask.to(device=original.device, dtype=original.dtype)
     timesteps = denoiser.timesteps(scheduler, num_inference_steps, strength)
     noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
     latents = scheduler.add_noise(original, noise, timesteps[:1])
@@ -95,4 +95,4 @@ def masked_latent_denoise(
             bar.update()
             if should_stop is not None and should_stop():
                 return None
-    return denoiser.decode(latents)
+    return latents

@@ -83,16 +83,26 @@ def refine_mask(P: torch.Tensor, A: torch.Tensor, policy: RefinePolicy) -> Refin
 
 
 def latent_mask(binary: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(h, w)`` 0/1 mask at latent size: a latent cell is refined if any pixel under it is.
+    """``(B, H, W)`` 0/1 masks at latent size, ``(B, 1, h, w)``: a latent cell is refined if any
+    pixel under it is.
 
     Rounding up keeps every masked pixel inside the repainted latent area.
     """
-    pooled = F.adaptive_max_pool2d(binary[None, None].float(), size)
-    return (pooled[0, 0] > 0).float()
+    pooled = F.adaptive_max_pool2d(binary[:, None].float(), size)
+    return (pooled > 0).float()
+
+
+def latent_weight(soft: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The ``(H, W)`` blend weight at latent size ``(h, w)``: each cell's mean over its pixels.
+
+    Cells wholly inside the refined region weigh 1, cells wholly outside its feathered edge 0, so
+    `composite` of latents keeps those exactly as generated.
+    """
+    return F.adaptive_avg_pool2d(soft[None, None].float(), size)[0, 0]
 
 
 def composite(original: torch.Tensor, refined: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """Blends ``(3, H, W)`` images: ``refined`` where ``soft`` is 1, ``original`` where it is 0.
+    """Blends ``(C, H, W)`` images (or latents): ``refined`` where ``soft`` is 1, ``original`` where it is 0.
 
     Where ``soft`` is exactly 0 the result is ``original`` bit for bit, so high-quality regions
     are never touched by stage 1.

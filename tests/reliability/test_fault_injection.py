@@ -40,26 +40,31 @@ def _images(output):
     return np.stack([np.asarray(i) for i in output.images])
 
 
-def _raise_on(call_numbers, original):
+def _failing_for(stage, word, original):
+    """``RefineBackend.run`` that raises in ``stage`` for every call holding an image whose prompt
+    has ``word`` (stage 1 is the masked pass); the stage calls it saw go to the returned list."""
     calls = []
 
-    def run(request, mask):
-        calls.append(mask is None)
-        if len(calls) in call_numbers:
+    def run(request):
+        calls.append(("stage 1" if request.masks is not None else "stage 2", len(request.prompts)))
+        if calls[-1][0] == stage and any(word in prompt for prompt in request.prompts):
             raise RuntimeError(OOM)
-        return original(request, mask)
+        return original(request)
 
     return run, calls
 
 
-@pytest.mark.parametrize("stage, call_number", [("stage 1", 1), ("stage 2", 2)])
-def test_refine_stage_failure_returns_the_original(scorer, tmp_path, plain_images, monkeypatch, stage, call_number):
+@pytest.mark.parametrize("stage", ["stage 1", "stage 2"])
+def test_refine_stage_failure_returns_the_original(scorer, tmp_path, plain_images, monkeypatch, stage):
+    """The stage call of both images raises; it is retried image by image, so only the image that
+    fails alone fails: it is returned as generated, the other is refined."""
     pipe = _pipe(scorer, tmp_path / "q.sqlite")
-    run, calls = _raise_on({call_number}, pipe.refine_backend.run)
+    run, calls = _failing_for(stage, "red book", pipe.refine_backend.run)
     monkeypatch.setattr(pipe.refine_backend, "run", run)
     output = _call(pipe)
-    assert calls[call_number - 1] is (stage == "stage 2")  # stage 2 is the unmasked pass
+    assert (stage, 2) in calls and calls.count((stage, 1)) == 2  # the batch, then one call per image
     assert np.array_equal(_images(output)[0], plain_images[0])  # the failed image: as generated
+    assert not np.array_equal(_images(output)[1], plain_images[1])
     failed, other = output.quality
     assert failed.decision == "failed" and OOM in failed.error
     assert other.decision == "refined" and other.error is None  # one failure does not stop the batch
@@ -67,18 +72,20 @@ def test_refine_stage_failure_returns_the_original(scorer, tmp_path, plain_image
     assert [r.to_dict() for r in logged] == [r.to_dict() for r in output.quality]
 
 
-@pytest.mark.parametrize("call_number", [1, 2])
-def test_strict_refine_failure_raises_and_still_logs(scorer, tmp_path, monkeypatch, call_number):
+@pytest.mark.parametrize("stage", ["stage 1", "stage 2"])
+def test_strict_refine_failure_raises_and_still_logs(scorer, tmp_path, monkeypatch, stage):
+    """Strict: the first failing stage call raises at once (no retry); every image of the
+    refinement is logged as failed with the error."""
     pipe = _pipe(scorer, tmp_path / "q.jsonl", RefinePolicy(p_threshold=1.0, a_threshold=1.0, guard=False, strict=True))
-    run, _ = _raise_on({call_number}, pipe.refine_backend.run)
+    run, calls = _failing_for(stage, "red book", pipe.refine_backend.run)
     monkeypatch.setattr(pipe.refine_backend, "run", run)
     with pytest.raises(RuntimeError, match="out of memory"):
         _call(pipe)
+    assert calls[-1] == (stage, 2)
     log = QualityLog(tmp_path / "q.jsonl")
     logged = log.read()
     assert log.skipped_lines == 0 and len(logged) == 2
-    assert logged[0].decision == "failed" and OOM in logged[0].error
-    assert "not processed" in logged[1].reason
+    assert all(r.decision == "failed" and OOM in r.error for r in logged)
 
 
 def test_scorer_failure_returns_unscored_images(scorer, tmp_path, plain_images, monkeypatch):

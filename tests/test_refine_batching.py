@@ -1,0 +1,231 @@
+"""Refinement at the cost of its extra denoiser steps (issue 15), on every tiny family.
+
+* Stages start from the denoiser's final latents: no autoencoder encode, and each refined image is
+  decoded once (counted on the autoencoder's own ``encode`` / ``decode``, rows included).
+* Every image of a call that needs a stage goes through it in one call per schedule, each with its
+  own generator, prompt, mask and strength; results equal refining the images one by one.
+* Each distinct prompt of a call is encoded once for both stages (seen at the text encoder).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grefine_hooks import RefinePolicy, wrap
+from grefine_hooks.refine.backends import backend_for
+from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner
+from grefine_hooks.scoring.scorer import QualityReport
+from grefine_hooks.testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+
+PROMPTS = ["a red book on a table", "a cat on a sofa", "a blue vase"]
+SEEDS = [11, 12, 13]
+# (p, a) per image: strengths 0.75, 0.51 and 0.55 (policy defaults). At 8 steps stage 1 schedules
+# 4 iterations and runs int(4 * strength): 3, 2 and 2, so images 2 and 3 share a stage-1 call.
+SCORES = [(0.0, 0.0), (0.3, 0.9), (0.2, 0.8)]
+STEPS = 8
+# Batched and one-by-one denoiser calls differ only in float rounding (measured < 1e-5 here).
+TOLERANCE = 2e-4
+
+
+def _generators(seeds=SEEDS):
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def generated(request):
+    """(family, pipeline, images (3, 3, H, W), final latents, per-image extras) of one real call."""
+    family = request.param
+    pipe = tiny_pipeline(family, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    captured = {}
+
+    def keep(name):
+        def step_end(pipeline, step, timestep, tensors):
+            captured[name] = tensors["latents"]
+            return {}
+        return step_end
+
+    if family.startswith("pixart"):
+        extra = {"callback": lambda step, timestep, latents: captured.__setitem__("latents", latents)}
+    else:
+        extra = {"callback_on_step_end": keep("latents")}
+    if family == "cascade":
+        extra["prior_callback_on_step_end"] = keep("prior")
+    images = pipe(PROMPTS, generator=_generators(), output_type="pt", **tiny_call_kwargs(family, 4), **extra).images
+    extras = [{"image_embeddings": captured["prior"][i]} if family == "cascade" else {} for i in range(len(PROMPTS))]
+    return family, pipe, images.float(), captured["latents"], extras
+
+
+def _report(k, side):
+    """Image k's report: a bad square of its own in P, and its (p, a) from SCORES."""
+    bad = torch.zeros(side, side)
+    start = side // 8 * (k + 1)
+    bad[start : start + side // 3, start : start + side // 4] = 1
+    p, a = SCORES[k]
+    return QualityReport(p=p, a=a, P=1.0 - bad, A=torch.zeros_like(bad), phrases=[],
+                         emphasized_prompt=f"{PROMPTS[k]}, {PROMPTS[k].split()[-1]}", factors={})
+
+
+def _items(images, latents, extras):
+    side = images.shape[-1]
+    return [
+        RefineItem(image=images[k], report=_report(k, side), prompt=PROMPTS[k], generator=generator,
+                   latents=latents[k], extras=extras[k])
+        for k, generator in enumerate(_generators())
+    ]
+
+
+class StageCalls:
+    """Wraps ``backend.run``: (stage, images in the call) per call."""
+
+    def __init__(self, backend, monkeypatch):
+        self.calls = []
+        run = backend.run
+
+        def recording(request):
+            self.calls.append(("stage1" if request.masks is not None else "stage2", len(request.prompts)))
+            return run(request)
+
+        monkeypatch.setattr(backend, "run", recording)
+
+
+@pytest.mark.parametrize("stage2_strength", [0.15, 0.0], ids=["stage2", "no-stage2"])
+@torch.no_grad()
+def test_batched_refinement_equals_one_by_one(generated, stage2_strength, monkeypatch):
+    family, pipe, images, latents, extras = generated
+    policy = RefinePolicy(stage2_strength=stage2_strength, guard=False)
+    backend = backend_for(pipe)
+    spy = StageCalls(backend, monkeypatch)
+    refiner = Refiner(backend, None, policy)
+    batched = refiner.refine(_items(images, latents, extras), RefineCall(STEPS))
+    # Stage 1 runs per schedule: images 2 and 3 share one where the schedule depends on the strength
+    # through int(steps * strength) only, not on Stable Cascade, whose time ratios start at the
+    # strength itself. Stage 2 takes all three at once.
+    stage1 = [("stage1", 1)] * 3 if family == "cascade" else [("stage1", 1), ("stage1", 2)]
+    expected_calls = stage1 + ([("stage2", 3)] if stage2_strength else [])
+    assert sorted(spy.calls) == sorted(expected_calls)
+    alone = [refiner.refine([item], RefineCall(STEPS))[0] for item in _items(images, latents, extras)]
+    for k, (together, single) in enumerate(zip(batched, alone)):
+        assert together.decision == single.decision == "refined"
+        assert (together.stage1_strength, together.stage1_steps) == (single.stage1_strength, single.stage1_steps)
+        assert together.stage1_strength == pytest.approx(policy.stage1_strength(*SCORES[k]))
+        torch.testing.assert_close(together.image, single.image, atol=TOLERANCE, rtol=0)
+        # Refinement moved the image far more than the tolerance, so the equality is not vacuous.
+        assert (together.image - images[k]).abs().max() > 10 * TOLERANCE
+        if not stage2_strength:
+            outside = together.mask.soft == 0
+            assert torch.equal(together.image[:, outside], images[k][:, outside])  # bit for bit
+
+
+@torch.no_grad()
+def test_images_keep_their_own_generator_prompt_and_mask_in_a_batch(generated):
+    """Swapping two images' generators (or giving one another's prompt) changes only that image."""
+    family, pipe, images, latents, extras = generated
+    refiner = Refiner(backend_for(pipe), None, RefinePolicy(guard=False))
+    reference = refiner.refine(_items(images, latents, extras), RefineCall(STEPS))
+    items = _items(images, latents, extras)
+    items[2].generator = torch.Generator().manual_seed(99)
+    reseeded = refiner.refine(items, RefineCall(STEPS))
+    torch.testing.assert_close(reseeded[0].image, reference[0].image, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(reseeded[1].image, reference[1].image, atol=TOLERANCE, rtol=0)
+    assert (reseeded[2].image - reference[2].image).abs().max() > 0.01
+
+
+class AutoencoderCalls:
+    """Counts encodes and decoded rows on the family's autoencoder (VAE or Stable Cascade's VQGAN)."""
+
+    def __init__(self, pipe, monkeypatch):
+        autoencoder = pipe.vqgan if hasattr(pipe, "vqgan") else pipe.vae
+        self.encodes, self.decoded_rows = 0, []
+        encode, decode = autoencoder.encode, autoencoder.decode
+
+        def counting_encode(*args, **kwargs):
+            self.encodes += 1
+            return encode(*args, **kwargs)
+
+        def counting_decode(latents, *args, **kwargs):
+            self.decoded_rows.append(len(latents))
+            return decode(latents, *args, **kwargs)
+
+        monkeypatch.setattr(autoencoder, "encode", counting_encode)
+        monkeypatch.setattr(autoencoder, "decode", counting_decode)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_refined_images_are_never_encoded_and_decoded_once(scorer, family, monkeypatch):
+    """Through the refined pipeline: generation decodes its 3 images once, refinement decodes the
+    3 refined images once more (in one batch: stage 2 takes them all), and nothing is encoded."""
+    base = tiny_pipeline(family, seed=0)
+    pipe = wrap(base, policy=RefinePolicy(p_threshold=1.0, a_threshold=1.0), scorer=scorer)
+    pipe.set_progress_bar_config(disable=True)
+    counts = AutoencoderCalls(base, monkeypatch)
+    output = pipe(PROMPTS, generator=_generators(), **tiny_call_kwargs(family, 4))
+    assert [r.decision for r in output.quality] != ["failed"] * 3
+    assert all(r.stage2_steps is not None for r in output.quality)
+    assert counts.encodes == 0
+    assert counts.decoded_rows == [3, 3]
+
+
+@pytest.mark.parametrize("family", ["sd15", "pixart-alpha"])
+@torch.no_grad()
+def test_each_distinct_prompt_is_encoded_once_per_call(scorer, family, monkeypatch):
+    """Four images, two distinct prompts: after generation's own encoding, refinement runs the text
+    encoder once for the prompts (each distinct emphasised and plain prompt one row) and once for
+    the negative rows, whatever the number of images and stages."""
+    base = tiny_pipeline(family, seed=0)
+    pipe = wrap(base, policy=RefinePolicy(p_threshold=1.0, a_threshold=1.0, mask_threshold=0.0), scorer=scorer)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    handle = base.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(args[0] if args else kwargs["input_ids"]), with_kwargs=True
+    )
+    prompts = ["a red book on a table", "a cat on a sofa"] * 2
+    try:
+        output = pipe(prompts, generator=_generators([1, 2, 3, 4]), **tiny_call_kwargs(family, 4))
+    finally:
+        handle.remove()
+    records = output.quality
+    assert all(r.stage1_steps is not None and r.stage2_steps is not None for r in records)
+    generation, refinement = rows[:2], rows[2:]
+    assert [len(ids) for ids in generation] == [4, 4]
+    assert len(refinement) == 2  # one batch of prompts, one of negatives
+    texts = {r.emphasized_prompt or r.prompt for r in records} | set(prompts)
+    tokenizer = base.tokenizer
+    expected = tokenizer(sorted(texts), padding="max_length", max_length=refinement[0].shape[1], truncation=True,
+                         return_tensors="pt").input_ids
+    encoded = refinement[0]
+    assert len(encoded) == len(texts)  # no text encoded twice
+    assert sorted(map(tuple, encoded.tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+def test_latents_fit_only_latents_of_the_image(generated):
+    """Captured latents of an image fit it; other sizes, channel counts and packed latents do not
+    (those images are refined from their pixels)."""
+    family, pipe, images, latents, extras = generated
+    backend = backend_for(pipe)
+    size = tuple(images.shape[-2:])
+    assert backend.latents_fit(latents[0], size)
+    assert not backend.latents_fit(latents[0], (size[0] * 2, size[1]))
+    assert not backend.latents_fit(latents[0][:1], size)
+    assert not backend.latents_fit(latents[0].flatten(1), size)
+    assert not backend.latents_fit(None, size)
+
+
+@torch.no_grad()
+def test_one_generator_for_the_whole_call_stays_reproducible(scorer):
+    """One generator shared by every image (diffusers' usual call): the refined images are the
+    same for the same seed, different for another."""
+    pipe = wrap(tiny_pipeline("sd15", seed=0), policy=RefinePolicy(p_threshold=1.0, a_threshold=1.0), scorer=scorer)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(seed):
+        output = pipe(PROMPTS[:2], generator=torch.Generator().manual_seed(seed), output_type="pt",
+                      **tiny_call_kwargs("sd15", 4))
+        assert [r.decision for r in output.quality] != ["failed", "failed"]
+        return output.images
+
+    first, again, other = run(5), run(5), run(6)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
