@@ -29,7 +29,7 @@ from grefine_hooks.doctor.checks import (
     check_quality_score,
 )
 from grefine_hooks.doctor.scenes import SHAPES, damage, paste_object, scenes, shape_mask
-from grefine_hooks.scoring.learned_prompts import LearnedPrompts, save_learned_prompts
+from grefine_hooks.scoring.learned_prompts import save_learned_prompts
 from grefine_hooks.scoring.prompt_training import initial_prompts
 from grefine_hooks.scoring.scorer import QualityScorer
 from grefine_hooks.testing import is_tiny_clip, save_tiny_clip, tiny_clip
