@@ -131,11 +131,45 @@ def _sync(device: torch.device) -> None:
 
 
 @dataclass
-class _Progress:
-    """Where one image is between stages: pixels, and its latents while they are still current."""
+class _Image:
+    """One image on its way through the stages: its item, its outcome so far, and where it is
+    (pixels, and its latents while they are the current ones)."""
 
-    image: torch.Tensor
+    item: RefineItem
+    outcome: RefineOutcome
+    pixels: torch.Tensor
     latents: torch.Tensor | None
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome.decision == "failed"
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Stage 1 (masked, emphasised prompt) or stage 2 (global, plain prompt)."""
+
+    name: str
+    masked: bool
+    last: bool
+
+    def runs_on(self, image: _Image) -> bool:
+        return not image.failed and (image.outcome.stage1_strength is not None if self.masked else True)
+
+    def prompt(self, image: _Image) -> str | None:
+        item = image.item
+        return (item.report.emphasized_prompt or item.prompt) if self.masked else item.prompt
+
+    def schedule(self, image: _Image) -> tuple[float, int]:
+        """(strength, scheduled steps) of this stage for ``image``."""
+        outcome = image.outcome
+        if self.masked:
+            return outcome.stage1_strength, outcome.stage1_steps
+        return outcome.stage2_strength, outcome.stage2_steps
+
+
+#: Encoded prompts by (prompt, negative prompt): each a batch of one, by diffusers' argument name.
+_Encoded = dict[tuple[str, str | None], dict[str, torch.Tensor]]
 
 
 class Refiner:
@@ -155,143 +189,98 @@ class Refiner:
         """
         policy = self.policy
         steps1, steps2 = policy.stage_steps(call.num_inference_steps)
-        outcomes, progress = [], []
+        images = []
         for item in items:
             mask = refine_mask(item.report.P, item.report.A, policy)
-            outcomes.append(RefineOutcome(item.image, "refined", self._reason(item.report, mask), mask))
-            progress.append(_Progress(item.image.float(), item.latents))
+            outcome = RefineOutcome(item.image, "refined", self._reason(item.report, mask), mask)
+            if mask.share > 0:
+                strength = policy.stage1_strength(item.report.p, item.report.a)
+                outcome.stage1_strength, outcome.stage1_steps = strength, scheduled_steps(steps1, strength)
+            if policy.stage2_strength > 0:
+                outcome.stage2_strength = policy.stage2_strength
+                outcome.stage2_steps = scheduled_steps(steps2, policy.stage2_strength)
+            images.append(_Image(item, outcome, item.image.float(), item.latents))
         stage2 = policy.stage2_strength > 0
-        masked = [i for i, outcome in enumerate(outcomes) if outcome.mask.share > 0]
-        for i in masked:
-            strength = policy.stage1_strength(items[i].report.p, items[i].report.a)
-            outcomes[i].stage1_strength, outcomes[i].stage1_steps = strength, scheduled_steps(steps1, strength)
-        if stage2:
-            steps = scheduled_steps(steps2, policy.stage2_strength)
-            for outcome in outcomes:
-                outcome.stage2_strength, outcome.stage2_steps = policy.stage2_strength, steps
-        embeddings = self._encode_prompts(items, masked, stage2, call)
-
-        def stage1_prompt(i: int) -> str | None:
-            return items[i].report.emphasized_prompt or items[i].prompt
-
-        self._run_stage("stage1", masked, items, outcomes, progress, call, stage1_prompt, embeddings,
-                        lambda i: (outcomes[i].stage1_strength, outcomes[i].stage1_steps), last=not stage2)
-        if stage2:
-            self._run_stage("stage2", self._alive(outcomes), items, outcomes, progress, call,
-                            lambda i: items[i].prompt, embeddings,
-                            lambda i: (outcomes[i].stage2_strength, outcomes[i].stage2_steps), last=True)
-        for outcome, state in zip(outcomes, progress):
-            if outcome.decision == "refined":
-                outcome.image = state.image
+        stages = [_Stage("stage1", masked=True, last=not stage2)]
+        stages += [_Stage("stage2", masked=False, last=True)] if stage2 else []
+        encoded = self._encode_prompts(images, stages, call)
+        for stage in stages:
+            self._run_stage(stage, [image for image in images if stage.runs_on(image)], call, encoded)
+        for image in images:
+            if not image.failed:
+                image.outcome.image = image.pixels
         if policy.guard:
-            self._guard(self._alive(outcomes), items, outcomes, call)
-        return outcomes
+            self._guard([image for image in images if not image.failed], call)
+        return [image.outcome for image in images]
 
     # -- stages ------------------------------------------------------------------------------------
 
-    def _encode_prompts(
-        self, items: list[RefineItem], masked: list[int], stage2: bool, call: RefineCall
-    ) -> dict[tuple[str, str | None], dict[str, torch.Tensor]]:
-        """Each distinct (prompt, negative) the stages need, encoded once for all of them."""
+    def _encode_prompts(self, images: list[_Image], stages: list[_Stage], call: RefineCall) -> _Encoded:
+        """Each distinct (prompt, negative) the stages need, encoded once for all of them (images
+        that came with the caller's embeddings need none)."""
         keys: dict[tuple[str, str | None], None] = {}
-        for i in masked:
-            keys[(items[i].report.emphasized_prompt or items[i].prompt, items[i].negative_prompt)] = None
-        if stage2:
-            for item in items:
-                keys[(item.prompt, item.negative_prompt)] = None
-        texts = [key for key in keys if key[0] is not None]
-        wanted = [i for i in range(len(items)) if not items[i].prompt_embeddings]
-        if not texts or not wanted:
+        for stage in stages:
+            for image in images:
+                prompt = stage.prompt(image)
+                if stage.runs_on(image) and prompt is not None and not image.item.prompt_embeddings:
+                    keys[(prompt, image.item.negative_prompt)] = None
+        if not keys:
             return {}
+        texts = list(keys)
         encoded = self.backend.encode_prompts([t for t, _ in texts], [n for _, n in texts], call.call_kwargs)
         if encoded is None:
             return {}
         return {key: {name: value[j : j + 1] for name, value in encoded.items()} for j, key in enumerate(texts)}
 
-    def _run_stage(
-        self,
-        stage: str,
-        indices: list[int],
-        items: list[RefineItem],
-        outcomes: list[RefineOutcome],
-        progress: list[_Progress],
-        call: RefineCall,
-        prompt_of: Callable[[int], str | None],
-        embeddings: dict[tuple[str, str | None], dict[str, torch.Tensor]],
-        schedule_of: Callable[[int], tuple[float, int]],
-        last: bool,
-    ) -> None:
-        """Runs ``stage`` for ``indices``, one batched call per group of images that can share one."""
-        groups: dict[Hashable, list[int]] = {}
-        for i in indices:
-            strength, steps = schedule_of(i)
+    def _run_stage(self, stage: _Stage, images: list[_Image], call: RefineCall, encoded: _Encoded) -> None:
+        """Runs ``stage`` for ``images``, one batched call per group of images that can share one."""
+        groups: dict[Hashable, list[_Image]] = {}
+        for image in images:
+            strength, steps = stage.schedule(image)
             # Images that start from latents and from pixels are never mixed in one call.
-            key = (self.backend.schedule_key(steps, strength), progress[i].latents is None)
-            groups.setdefault(key, []).append(i)
+            key = (self.backend.schedule_key(steps, strength), image.latents is None)
+            groups.setdefault(key, []).append(image)
         for group in groups.values():
-            strength, steps = schedule_of(group[0])
-            masked = stage == "stage1"
-            # Stage 1 decodes when it is last or starts from pixels; latents go on to stage 2 otherwise.
-            decode = last or progress[group[0]].latents is None
-
-            def request(members: list[int]) -> StageRequest:
-                return self._request(members, items, outcomes, progress, call, prompt_of, embeddings,
-                                     strength, steps, masked, decode)
-
-            for members, output, error in self._call_backend(stage, group, request, outcomes):
+            for members, output, error in self._call_backend(stage, group, call, encoded):
                 if error is not None:
-                    for i in members:
-                        outcomes[i].decision, outcomes[i].error = "failed", error
+                    for image in members:
+                        image.outcome.decision, image.outcome.error = "failed", error
                     continue
-                for k, i in enumerate(members):
-                    self._advance(progress[i], items[i], outcomes[i], output[k], masked, decode)
+                for image, refined in zip(members, output):
+                    self._advance(stage, image, refined)
 
-    def _request(
-        self,
-        members: list[int],
-        items: list[RefineItem],
-        outcomes: list[RefineOutcome],
-        progress: list[_Progress],
-        call: RefineCall,
-        prompt_of: Callable[[int], str | None],
-        embeddings: dict[tuple[str, str | None], dict[str, torch.Tensor]],
-        strength: float,
-        steps: int,
-        masked: bool,
-        decode: bool,
-    ) -> StageRequest:
-        """The stage's request for ``members``: their progress, masks, prompts and generators."""
-        prompts = [prompt_of(i) for i in members]
-        negatives = [items[i].negative_prompt for i in members]
-        rows = [items[i].prompt_embeddings or embeddings.get((prompts[k], negatives[k])) for k, i in enumerate(members)]
-        prompt_embeddings = {}
-        if all(rows):
-            prompt_embeddings = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
-        device = items[members[0]].image.device
-        latents = [progress[i].latents for i in members]
+    def _request(self, stage: _Stage, members: list[_Image], call: RefineCall, encoded: _Encoded) -> StageRequest:
+        """The stage's request for ``members`` (one schedule): their progress, masks, prompts and
+        generators. Stage 1 decodes when it is last or starts from pixels; otherwise its latents go
+        on to stage 2."""
+        strength, steps = stage.schedule(members[0])
+        items = [image.item for image in members]
+        prompts = [stage.prompt(image) for image in members]
+        negatives = [item.negative_prompt for item in items]
+        rows = [item.prompt_embeddings or encoded.get((prompt, item.negative_prompt))
+                for item, prompt in zip(items, prompts)]
+        prompt_embeddings = {name: torch.cat([row[name] for row in rows]) for name in rows[0]} if all(rows) else {}
+        from_latents = members[0].latents is not None
+        device = items[0].image.device
         return StageRequest(
-            images=torch.stack([progress[i].image for i in members]),
-            latents=None if latents[0] is None else torch.stack(latents),
-            masks=torch.stack([outcomes[i].mask.binary.to(device) for i in members]) if masked else None,
+            images=torch.stack([image.pixels for image in members]),
+            latents=torch.stack([image.latents for image in members]) if from_latents else None,
+            masks=torch.stack([image.outcome.mask.binary.to(device) for image in members]) if stage.masked else None,
             prompts=prompts,
             negative_prompts=negatives,
             prompt_embeddings=prompt_embeddings,
-            generators=[items[i].generator for i in members],
+            generators=[item.generator for item in items],
             strength=strength,
             num_inference_steps=steps,
             call_kwargs=call.call_kwargs,
-            extras=[items[i].extras for i in members],
+            extras=[item.extras for item in items],
             should_stop=call.should_stop,
-            decode=decode,
+            decode=stage.last or not from_latents,
         )
 
     def _call_backend(
-        self,
-        stage: str,
-        group: list[int],
-        request: Callable[[list[int]], StageRequest],
-        outcomes: list[RefineOutcome],
-    ) -> list[tuple[list[int], torch.Tensor | None, str | None]]:
+        self, stage: _Stage, group: list[_Image], call: RefineCall, encoded: _Encoded
+    ) -> list[tuple[list[_Image], torch.Tensor | None, str | None]]:
         """(members, output, error) per backend call: the whole group at once, or image by image
         after the group's call raised."""
         attempts = [group]
@@ -300,70 +289,65 @@ class Refiner:
             members = attempts.pop(0)
             start = time.perf_counter()
             try:
-                output = self.backend.run(request(members))
+                output = self.backend.run(self._request(stage, members, call, encoded))
                 _sync(output.device)
             except StageInterrupted:
-                self._share_time(stage, members, outcomes, start)
-                raise RefinementInterrupted(f"during {stage}", outcomes[members[0]].timings) from None
+                self._share_time(stage, members, start)
+                raise RefinementInterrupted(f"during {stage.name}", members[0].outcome.timings) from None
             except Exception as error:
                 if self.policy.strict:
                     raise
                 if len(members) > 1:
-                    attempts.extend([i] for i in members)
-                    continue
-                results.append((members, None, f"{type(error).__name__}: {error}"))
+                    attempts.extend([image] for image in members)
+                else:
+                    results.append((members, None, f"{type(error).__name__}: {error}"))
                 continue
-            self._share_time(stage, members, outcomes, start)
+            self._share_time(stage, members, start)
             results.append((members, output, None))
         return results
 
     @staticmethod
-    def _share_time(stage: str, members: list[int], outcomes: list[RefineOutcome], start: float) -> None:
+    def _share_time(stage: _Stage, members: list[_Image], start: float) -> None:
         seconds = (time.perf_counter() - start) / len(members)
-        for i in members:
-            outcomes[i].timings[stage] = outcomes[i].timings.get(stage, 0.0) + seconds
+        for image in members:
+            timings = image.outcome.timings
+            timings[stage.name] = timings.get(stage.name, 0.0) + seconds
 
     @staticmethod
-    def _advance(
-        state: _Progress, item: RefineItem, outcome: RefineOutcome, output: torch.Tensor, masked: bool, decoded: bool
-    ) -> None:
-        """Moves one image past a stage: stage 1's repaint is blended back with the feathered mask
+    def _advance(stage: _Stage, image: _Image, output: torch.Tensor) -> None:
+        """Moves one image past ``stage``: stage 1's repaint is blended back with the feathered mask
         (in pixels when decoded, else at latent resolution); a global stage's output replaces it."""
-        device = item.image.device
-        if not masked:
-            state.image, state.latents = output.to(device), None
-        elif decoded:
-            state.image = composite(item.image.float(), output.to(device), outcome.mask.soft.to(device))
-            state.latents = None
+        generated, soft = image.item.image, image.outcome.mask.soft
+        if not stage.masked:
+            image.pixels, image.latents = output.to(generated.device), None
+        elif image.latents is None or stage.last:
+            image.pixels = composite(generated.float(), output.to(generated.device), soft.to(generated.device))
+            image.latents = None
         else:
-            weight = latent_weight(outcome.mask.soft, tuple(output.shape[-2:])).to(output.device)
-            state.latents = composite(state.latents, output, weight)
+            weight = latent_weight(soft, tuple(output.shape[-2:])).to(output.device)
+            image.latents = composite(image.latents, output, weight)
 
     # -- guard ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _alive(outcomes: list[RefineOutcome]) -> list[int]:
-        return [i for i, outcome in enumerate(outcomes) if outcome.decision != "failed"]
-
-    def _guard(self, indices: list[int], items: list[RefineItem], outcomes: list[RefineOutcome],
-               call: RefineCall) -> None:
+    def _guard(self, images: list[_Image], call: RefineCall) -> None:
         """Never worse: re-scores the refined images in one batch and keeps each original whose
         ``p`` or ``a`` dropped beyond the tolerance."""
-        if not indices:
+        if not images:
             return
         if call.should_stop is not None and call.should_stop():
             # An unguarded refinement may be worse than the original: return the originals.
-            raise RefinementInterrupted("before the guard's re-score", outcomes[indices[0]].timings)
+            raise RefinementInterrupted("before the guard's re-score", images[0].outcome.timings)
         start = time.perf_counter()
-        after = self.scorer.score([outcomes[i].image for i in indices], [items[i].prompt for i in indices])
-        seconds = (time.perf_counter() - start) / len(indices)
-        for i, report in zip(indices, after):
-            outcome = outcomes[i]
+        after = self.scorer.score([image.outcome.image for image in images], [image.item.prompt for image in images])
+        seconds = (time.perf_counter() - start) / len(images)
+        for image, report in zip(images, after):
+            outcome = image.outcome
             outcome.after = report
             outcome.timings["rescore"] = seconds
-            drops = self.policy.guard_drops(items[i].report, report)
+            drops = self.policy.guard_drops(image.item.report, report)
             if drops:
-                outcome.guard, outcome.decision, outcome.image = "reverted: " + ", ".join(drops), "reverted", items[i].image
+                outcome.guard, outcome.decision = "reverted: " + ", ".join(drops), "reverted"
+                outcome.image = image.item.image
             else:
                 outcome.guard = "kept"
 
