@@ -5,7 +5,9 @@ Three measures, each a fraction of the labels of its kind:
 
 * **object recall**: a labelled object is found when some phrase's noun is the object as a whole
   (a compound such as "stop sign" included), up to a plural "s"/"es" on either side;
-* **attribute binding**: the attribute word is in its object's phrase and in no other phrase;
+* **attribute binding**: the attribute word is in its object's phrase and in no phrase of an
+  object it is not labelled for (a word labelled for two objects, "two bees, two vases", may be
+  in both of their phrases);
 * **relation attachment**: for "A <rel> B", B's phrase has A's phrase as its ancestor.
 
 A label whose object is not found counts as a miss for binding and relations too.
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEV_SET = Path(__file__).resolve().parent / "t2i_dev.jsonl"
+HELDOUT_SET = Path(__file__).resolve().parent / "t2i_heldout.jsonl"
 
 
 def load(path: Path = DEV_SET) -> list[dict]:
@@ -70,8 +73,9 @@ def score(items: Sequence[dict], parse: Callable[[str], Sequence]) -> Tally:
             tally.add("objects", find(phrases, obj) is not None, it["prompt"], obj)
         for attr, obj in it["attributes"]:
             j = find(phrases, obj)
+            owners = {find(phrases, o) for a, o in it["attributes"] if a == attr}
             ok = j is not None and attr in _words(phrases[j].text) and not any(
-                attr in _words(p.text) for k, p in enumerate(phrases) if k != j)
+                attr in _words(p.text) for k, p in enumerate(phrases) if k not in owners)
             tally.add("binding", ok, it["prompt"], f"{attr} -> {obj}")
         for subject, rel, obj in it["relations"]:
             i, j = find(phrases, subject), find(phrases, obj)

@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Build ``t2i_heldout.jsonl``, the labelled HELD-OUT set for the prompt tree (see README.md).
+
+The prompts come from benchmark files the rules in ``prompt_tree.py`` were not developed on
+(``heldout/``, copied verbatim, sources and licences in README.md). Every label comes by rule from
+the benchmark's own template or structure, never by hand, and never by running the parser:
+
+* T2I-CompBench ``3d_spatial_val``: "a A <in front of|behind|hidden by> a B": objects A, B and
+  the relation (B's phrase hangs under A's).
+* T2I-CompBench ``numeracy_val``: every "<number word> NOUN" (one..eight) is a counted object with
+  its count bound to it; in the list part of a prompt (items split at commas and "and") an item
+  "a/an NOUN" is an object too.
+* T2I-CompBench ``shape_val``: "a(n) SHAPE NOUN and a(n) SHAPE NOUN" (NOUN may be several words:
+  "speed limit sign"; a NOUN with "of" in it is not labelled, its head is ambiguous), and the
+  sentence lines "The SHAPE NOUN and the SHAPE NOUN <were|was|stood|hung|...>" with one-word nouns.
+  The shape (or size) word is bound to its noun.
+* T2I-CompBench ``non_spatial_val``: the lines *not* in the development file, labelled with the
+  development set's "A SUBJECT is VERB-ing [PREP] DET OBJECT" rule.
+* CC-500: "a COLOUR NOUN and a COLOUR NOUN" (colour bound to its noun), and its
+  "a COLOUR NOUN <on top of|to the left of|...> a COLOUR NOUN" lines (bindings and the relation).
+* Attend-and-Excite: "a A and a B" (objects), "a A with a B" (objects; B hangs under A),
+  "a A and a COLOUR B" and "a COLOUR A and a COLOUR B" (colours bound).
+
+Each held-out prompt also gets a *styled* twin, category ``<category>+style``, labels unchanged:
+its first letter capitalised, a framing prefix when the prompt is a bare noun phrase ("A photo
+of ...", "An oil painting of ...") and trailing style tags (", 4k, trending on artstation"), picked
+in turn from the lists below. Prefixes and tags are the common ones of public prompt collections;
+none was chosen by looking at the parser's output.
+
+    python tests/data/t2i/build_heldout_set.py   # rewrites t2i_heldout.jsonl beside it
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from build_dev_set import _ACTION, item
+
+HERE = Path(__file__).resolve().parent
+RAW = HERE / "heldout"
+
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
+FRAMES = ("a photo of", "an oil painting of", "a 3d render of", "a close-up of", "a picture of",
+          "a watercolor painting of", "a high-resolution photograph of", "a digital illustration of")
+TAGS = (", 4k, trending on artstation", ", highly detailed, octane render", ", digital art",
+        ", 8k uhd, sharp focus", ", cinematic lighting, masterpiece", ", studio lighting",
+        "", ", by greg rutkowski, unreal engine")
+
+
+def lines(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and not ln.startswith("#")]
+
+
+def unique(objects: list[str]) -> bool:
+    """A prompt that names the same object twice is not labelled (a phrase has one noun)."""
+    return len({o.lower() for o in objects}) == len(objects)
+
+
+_3D = re.compile(r"^an? (\w+) (in front of|behind|hidden by) an? (\w+)$")
+
+
+def compbench_3d_spatial() -> list[dict]:
+    out = []
+    for prompt in lines(RAW / "compbench_3d_spatial_val.txt"):
+        m = _3D.match(prompt)
+        if m and unique([m[1], m[3]]):
+            out.append(item("t2i-compbench", "3d_spatial", prompt, [m[1], m[3]],
+                            relations=[(m[1], m[2], m[3])]))
+    return out
+
+
+_COUNTED = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r") (\w+)")
+_ITEM_SPLIT = re.compile(r",\s*(?:and\s+)?|\s+and\s+")
+
+
+def compbench_numeracy() -> list[dict]:
+    out = []
+    for prompt in lines(RAW / "compbench_numeracy_val.txt"):
+        objects, attributes = [], []
+        for number, noun in _COUNTED.findall(prompt):
+            objects.append(noun)
+            attributes.append((number, noun))
+        if "," in prompt:  # a list: its "a/an NOUN" items are objects too
+            for part in _ITEM_SPLIT.split(prompt):
+                if m := re.match(r"^an? (\w+)", part):
+                    objects.append(m[1])
+        objects = list(dict.fromkeys(objects))
+        if objects and unique(objects):
+            out.append(item("t2i-compbench", "numeracy", prompt, objects, attributes))
+    return out
+
+
+_SHAPE_PAIR = re.compile(r"^an? (\w+) ([A-Za-z' ]+?) and an? (\w+) ([A-Za-z' ]+?)\.?$")
+_SHAPE_SENTENCE = re.compile(r"^(?:A|The) (\w+) (\w+) and (?:a|the) (\w+) (\w+) "
+                             r"(?:were|was|stood|hung|floated|sat|made|created|provided)\b")
+
+
+def compbench_shape() -> list[dict]:
+    out = []
+    for prompt in lines(RAW / "compbench_shape_val.txt"):
+        m = _SHAPE_PAIR.match(prompt) or _SHAPE_SENTENCE.match(prompt)
+        if not m:
+            continue
+        pairs = [(m[1], m[2]), (m[3], m[4])]
+        pairs = [(attr, noun) for attr, noun in pairs if " of " not in f" {noun} "]
+        objects = [noun for _, noun in pairs]
+        if objects and unique(objects):
+            out.append(item("t2i-compbench", "shape", prompt, objects, pairs))
+    return out
+
+
+def compbench_non_spatial() -> list[dict]:
+    seen = set(lines(HERE / "compbench_non_spatial_val.txt"))
+    out = []
+    for prompt in lines(RAW / "compbench_non_spatial_val.txt"):
+        m = _ACTION.match(prompt)
+        if m and prompt not in seen:
+            subject, verb, prep, obj = m.groups()
+            rel = verb if prep is None else f"{verb} {prep}"
+            if unique([subject, obj]):
+                out.append(item("t2i-compbench", "non_spatial", prompt, [subject, obj],
+                                relations=[(subject, rel, obj)]))
+    return out
+
+
+_CC_PAIR = re.compile(r"^(?:an? )?(\w+) ([a-z ]+?) and (?:an? )?(\w+) ([a-z ]+)$", re.IGNORECASE)
+_CC_REL = re.compile(r"^an? (\w+) ([a-z ]+?) (on top of|to the right of|to the left of|next to|"
+                     r"in front of) an? (\w+) ([a-z ]+)$")
+
+
+def cc500() -> list[dict]:
+    out = []
+    for prompt in lines(RAW / "cc500.txt"):
+        if m := _CC_REL.match(prompt):
+            ca, a, rel, cb, b = m.groups()
+            if unique([a, b]):
+                out.append(item("cc-500", "spatial", prompt, [a, b], [(ca, a), (cb, b)],
+                                [(a, rel, b)]))
+        elif m := _CC_PAIR.match(prompt):
+            ca, a, cb, b = m.groups()
+            if unique([a, b]):
+                out.append(item("cc-500", "color", prompt, [a, b], [(ca, a), (cb, b)]))
+    return out
+
+
+_AE_WITH = re.compile(r"^an? (\w+) with an? (\w+)$")
+_AE_AND = re.compile(r"^an? (?:(\w+) )?(\w+) and an? (?:(\w+) )?(\w+)$")
+
+
+def attend_excite() -> list[dict]:
+    out, category = [], None
+    for raw in (RAW / "attend_excite_prompts.txt").read_text(encoding="utf-8").splitlines():
+        if raw.startswith("# "):
+            category = raw[2:].strip()
+            continue
+        prompt = raw.strip()
+        if not prompt:
+            continue
+        if m := _AE_WITH.match(prompt):
+            out.append(item("attend-excite", category, prompt, [m[1], m[2]],
+                            relations=[(m[1], "with", m[2])]))
+        elif m := _AE_AND.match(prompt):
+            ca, a, cb, b = m.groups()
+            if not unique([a, b]):
+                continue
+            bound = [(c, o) for c, o in ((ca, a), (cb, b)) if c]
+            out.append(item("attend-excite", category, prompt, [a, b], bound))
+    return out
+
+
+_FINITE = re.compile(r"\b(is|are|was|were)\b|^(?:A|The) ")
+
+
+def styled(items: list[dict]) -> list[dict]:
+    """A twin of every prompt with a capital letter, a framing prefix and style tags."""
+    out = []
+    for k, it in enumerate(items):
+        prompt = it["prompt"].rstrip(".")
+        if not _FINITE.search(prompt):  # a bare noun phrase can be framed
+            prompt = f"{FRAMES[k % len(FRAMES)]} {prompt}"
+        prompt = prompt[0].upper() + prompt[1:] + TAGS[k % len(TAGS)]
+        out.append({**it, "category": it["category"] + "+style", "prompt": prompt})
+    return out
+
+
+def build() -> list[dict]:
+    base = (compbench_3d_spatial() + compbench_numeracy() + compbench_shape()
+            + compbench_non_spatial() + cc500() + attend_excite())
+    return base + styled(base)
+
+
+def main() -> None:
+    items = build()
+    with open(HERE / "t2i_heldout.jsonl", "w", encoding="utf-8") as fh:
+        for it in items:
+            fh.write(json.dumps(it) + "\n")
+    print(f"wrote {len(items)} prompts to {HERE / 't2i_heldout.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()
