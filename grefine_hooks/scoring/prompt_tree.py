@@ -19,13 +19,19 @@ nltk and runs offline:
   repair what a treebank tagger gets wrong on prompt fragments (:func:`_repair_tags`);
 * the tree comes from a cascaded ``nltk.RegexpParser`` chunk grammar over UPOS.
 
-Text-to-image prompts get three more rules. Framing words at the start of a segment ("a
-photo of", "an oil painting of", "a close-up of") name the medium, not an object: they join
-no phrase, so the object after them is the top of the tree, and a comma segment whose
-nouns all name a medium or style ("digital art", "photorealistic") gives no phrase. Multi-word spatial prepositions
-("left of", "to the right of", "on top of") are read as one preposition, so the object after
-them hangs under the object before them. A phrase's noun is the whole compound ("stop sign",
-"teddy bear"), the nouns right before its head included.
+Text-to-image prompts get more rules. Framing words at the start of a segment ("a photo of",
+"an oil painting of", "a close-up of") name the medium, not an object: they join no phrase, so
+the object after them is the top of the tree. A comma segment that names no depicted object gives
+no phrase: one whose nouns all head a medium or style ("digital art", "photorealistic", "studio
+lighting", "8k uhd", "masterpiece"), unless a determiner or count makes it an object ("a
+painting"), and an artist or style credit ("by greg rutkowski", "in the style of van gogh").
+Multi-word spatial prepositions ("left of", "to the right of", "on top of") are read as one
+preposition, so the object after them hangs under the object before them. A phrase's noun is the
+whole compound ("stop sign", "teddy bear"), the nouns right before its head included; two-word
+names of public object vocabularies (COCO, Open Images: ``object_compounds.txt``) and the
+hand-written ``compound_nouns.txt`` are read as one noun whatever the tagger says ("a remote
+control", "a hot dog"). Number words are counts, and colour, material, size and shape words
+before a noun are its attributes, never part of its name ("a teardrop plum": noun ``plum``).
 
 "Nearest" noun (eq. 4): from a word, climb the tree to the first constituent
 that contains a noun centre, then take the centre fewest levels below it; on a
@@ -69,6 +75,7 @@ NOUN_TAGS = frozenset({"NOUN", "PROPN"})
 
 MODEL_FILE = "upos_tagger_ud_ewt.json"
 COMPOUNDS_FILE = "compound_nouns.txt"
+VOCABULARY_FILE = "object_compounds.txt"
 _NLTK_TAGGER_RESOURCE = "taggers/averaged_perceptron_tagger_eng/"
 
 # Cascaded chunk grammar over UPOS (plus the internal tags made by _chunk_tags: REL
@@ -117,7 +124,8 @@ for _words in _COMPLEX_PREPOSITIONS:
 _SPATIAL_WORDS = frozenset({
     "above", "below", "beneath", "under", "underneath", "behind", "beside", "besides", "near",
     "over", "inside", "outside", "atop", "around", "between", "among", "beyond", "across",
-    "along", "against", "opposite",
+    "along", "against", "opposite", "alongside", "amid", "amidst", "upon", "onto", "toward",
+    "towards", "within",
 })
 # Words that name the picture rather than what it shows; "<det> [modifiers] <medium> of" at
 # the start of a segment frames the objects after it ("an oil painting of", "a 3d render of").
@@ -159,7 +167,51 @@ _SIZES = frozenset({
     "small", "large", "big", "tiny", "huge", "giant", "gigantic", "enormous", "massive", "little",
     "tall", "short", "long", "wide", "narrow", "thick", "thin", "miniature", "mini", "oversized",
 })
-_ATTRIBUTE_WORDS = _COLOURS | _MATERIALS | _SIZES
+_SHAPES = frozenset({
+    "round", "square", "oval", "oblong", "teardrop", "triangular", "rectangular", "circular",
+    "cubic", "spherical", "cylindrical", "conical", "pyramidal", "pentagonal", "hexagonal",
+    "octagonal", "crescent", "curved", "flat", "striped", "spotted", "checkered", "polka-dot",
+    "heart-shaped", "star-shaped",
+})
+_ATTRIBUTE_WORDS = _COLOURS | _MATERIALS | _SIZES | _SHAPES
+# Cardinal number words: always counts (a tagger reads "Seven" at a prompt's start as a name).
+_NUMBER_WORDS = frozenset({
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+    "hundred", "thousand", "million", "dozen",
+})
+# Irregular past tenses and participles that are no noun as well: after a noun they are its verb
+# ("a key hidden by a girl", "six fish swam"), never the head of a compound with it. Regular
+# ones end in "-ed".
+_PAST_FORMS = frozenset("""
+    arose awoke awoken borne beaten became begun began bitten bled blew blown broke broken bred
+    brought built burnt bought caught chose chosen clung came crept dealt dug drew drawn dreamt
+    drank drunk drove driven ate eaten fallen fed fought fled flung flew flown forbade forgot
+    forgotten froze frozen got gotten gave given went gone grew grown hung had heard hid hidden
+    held kept knelt knew known laid leant leapt lent lain lost made meant met paid rode ridden
+    rang rung risen ran said seen sought sold sent shook shaken shone shown shrank shrunk shut
+    sang sung sank sunk sat slept slid slung smelt sped spent spilt spun spat sprang sprung stood
+    stole stolen stuck stung stank struck strung swore sworn swept swam swum swung took taken
+    taught tore torn told thought threw thrown trod trodden understood woke woken wore worn wove
+    woven wept wrote written
+""".split())
+# Nouns that name how a picture is made or lit, not what it shows: a comma segment headed by
+# them ("studio lighting", "unreal engine", "sharp focus", "8k uhd") is a style tag.
+_STYLE_NOUNS = frozenset({
+    "lighting", "engine", "focus", "resolution", "quality", "detail", "details", "masterpiece",
+    "uhd", "hd", "fhd", "4k", "8k", "16k", "wallpaper", "aesthetic", "aesthetics", "composition",
+    "trending", "deviantart", "pixiv", "behance", "cgsociety", "unsplash", "artstation", "dof",
+    "depth", "raytracing", "ray", "tracing", "vray", "blender", "cinema4d", "c4d", "photoshop",
+    "midjourney", "render", "rendering", "shading", "lens", "aperture", "exposure",
+})
+# Segment openings that credit an artist or a style ("by greg rutkowski", "in the style of
+# van gogh"): the rest of such a segment names no depicted object.
+_CREDITS = tuple(tuple(c.split()) for c in (
+    "in the style of", "in style of", "style of", "inspired by", "art by", "artwork by",
+    "illustration by", "painted by", "painting by", "photo by", "photograph by", "drawn by",
+    "designed by", "made by", "by",
+))
 _NP_END = frozenset({"ADP", "CCONJ", "SCONJ", "PUNCT", "VERB", "AUX", "PART", "PRON", None})
 
 # nltk's English tagger speaks Penn Treebank; this maps it to UPOS (word-independent
@@ -326,18 +378,26 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     """Fix the tagger's commonest misreadings of prompt fragments, where the grammar depends on them.
 
     Prompts are noun phrases without a sentence around them, unlike the treebank. In order:
-    multi-word prepositions ("left of") and spatial words before a determiner ("below a") are
-    prepositions; a colour, material or size word before a noun is an adjective ("a pink
-    cake"). Then nouns: a word that ends a noun phrase right after its determiner is its noun
-    ("a photo of an orange", "a tie"), and a noun between a noun and a determiner is a verb
-    ("a child draws a flower"); a verb between a determiner and a noun is a noun
-    modifier ("a stop sign"), unless a participle ("a running dog"); a verb after a noun is a
-    noun only when the training data mostly saw the word as one (``noun_reading``), so "a cat
-    sat on a mat" keeps its verb.
+    number words are counts ("Seven women"); multi-word prepositions ("left of") and spatial
+    words before a determiner ("below a") are prepositions; listed compounds are nouns; a past
+    tense or participle right after a noun is its verb, not the head of a compound ("a key
+    hidden by a girl", "six fish swam"), and so is "can" when no verb follows it ("a paint can"
+    is a noun); a colour, material, size or shape word before a noun is an adjective ("a pink
+    cake", "a teardrop plum"). Then nouns: the last word of a noun phrase after its
+    determiner and adjectives is its noun ("a photo of an orange", "a red sphere on top of"),
+    and a noun between a noun and a determiner is a verb ("a child draws a flower"); a verb
+    between a determiner (or a segment's start) and a noun is a noun modifier ("a stop sign"),
+    unless a participle ("a running dog"); a verb ending a noun phrase after a noun is a noun
+    when the training data mostly saw the word as one (``noun_reading``) or the word before is
+    an attribute ("a blue sled"), so "a cat sat on a mat" keeps its verb. Attributes are
+    looked at once more after the nouns are settled ("rubber gloves").
     """
     tags = list(tags)
     n = len(words)
     lower = [w.lower() for w in words]
+    for i, low in enumerate(lower):
+        if low in _NUMBER_WORDS and tags[i] in ("NOUN", "PROPN", "ADJ", "X"):
+            tags[i] = "NUM"
     for start, end in _complex_prepositions(lower):
         tags[start:end] = ["ADP"] * (end - start)
     listed: set[int] = set()  # words of listed compounds keep their NOUN
@@ -348,36 +408,73 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     def at(i: int) -> str | None:
         return tags[i] if 0 <= i < n else None
 
+    def np_start(i: int) -> bool:
+        """Whether only adjectives stand between word i and a determiner, a count or the start."""
+        j = i - 1
+        while j >= 0 and tags[j] == "ADJ":
+            j -= 1
+        return j < 0 or tags[j] in ("DET", "NUM") or tags[j] == "PUNCT" and words[j] in _SEPARATORS
+
+    def attributes() -> None:
+        for i, low in enumerate(lower):
+            if low in _ATTRIBUTE_WORDS and i not in listed and tags[i] in ("NOUN", "PROPN", "VERB") and (
+                    at(i + 1) in NOUN_TAGS or at(i + 1) == "ADJ" and at(i + 2) in NOUN_TAGS):
+                tags[i] = "ADJ"
+
     for i, low in enumerate(lower):
         if (low in _SPATIAL_WORDS and tags[i] in ("ADV", "ADJ", "NOUN", "PROPN", "SCONJ", "VERB")
                 and at(i + 1) in ("DET", "NUM", "ADJ", "PRON", *NOUN_TAGS)
                 and at(i - 1) not in ("DET", "ADJ", "ADV")):
             tags[i] = "ADP"
-        elif low in _ATTRIBUTE_WORDS and i not in listed and tags[i] in ("NOUN", "PROPN", "VERB") and (
-                at(i + 1) in NOUN_TAGS or at(i + 1) == "ADJ" and at(i + 2) in NOUN_TAGS):
-            tags[i] = "ADJ"
+        elif (i not in listed and tags[i] in ("NOUN", "PROPN", "ADJ") and _past_form(words[i], noun_reading)
+              and (at(i - 1) in NOUN_TAGS or at(i - 1) == "ADJ" and i > 1 and np_start(i - 1))):
+            tags[i] = "VERB"
+        elif (low == "can" and tags[i] in ("AUX", "VERB") and at(i - 1) in ("DET", "ADJ", *NOUN_TAGS)
+              and at(i + 1) not in ("VERB", "AUX", "ADV", "PART", "PRON")):
+            tags[i] = "NOUN"
+    attributes()
     for i, low in enumerate(lower):
         # "red and blue car", "red, shiny apple": the noun phrase goes on after the link
         continues = at(i + 1) in ("CCONJ", "PUNCT") and at(i + 2) in ("ADJ", "ADV", "VERB", *NOUN_TAGS)
         ends_np = at(i + 1) in _NP_END and not continues
-        if tags[i] == "ADJ" and at(i - 1) in ("DET", "NUM") and ends_np:
+        if tags[i] in ("ADJ", "ADV") and ends_np and i > 0 and tags[i - 1] != "PUNCT" and np_start(i) and (
+                tags[i] == "ADJ" or at(i - 1) in ("DET", "NUM", "ADJ")):
             tags[i] = "NOUN"
         elif tags[i] == "NOUN" and at(i - 1) in NOUN_TAGS and at(i + 1) == "DET":
             tags[i] = "VERB"  # "a child draws a flower": a noun run never runs into a determiner
-        elif tags[i] == "VERB" and not low.endswith(("ing", "ed")):
-            modifier = at(i - 1) in ("DET", "NUM", "ADJ") and (ends_np or at(i + 1) in NOUN_TAGS)
-            head = (at(i - 1) in NOUN_TAGS and at(i - 2) in ("DET", "NUM", "ADJ") and ends_np
-                    and noun_reading is not None and noun_reading(words[i]))
+        elif tags[i] == "VERB" and not low.endswith("ing") and not _past_form(words[i], noun_reading):
+            modifier = np_start(i) and (ends_np and i > 0 or at(i + 1) in NOUN_TAGS)
+            head = (at(i - 1) in NOUN_TAGS and np_start(i - 1) and ends_np
+                    and (noun_reading is not None and noun_reading(words[i])
+                         or lower[i - 1] in _ATTRIBUTE_WORDS))
             if modifier or head:
                 tags[i] = "NOUN"
+    attributes()
     return tags
+
+
+def _past_form(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
+    """A past tense or participle: listed, or a regular "-ed" form the tagger's data did not see
+    mostly as a noun ("bed", "shed" and "steed" are no verbs)."""
+    low = word.lower()
+    if low in _PAST_FORMS:
+        return True
+    regular = len(low) >= 5 and low.endswith("ed") and not low.endswith("eed")
+    return regular and (noun_reading is None or not noun_reading(word))
 
 
 @functools.cache
 def _compound_lexicon() -> frozenset[tuple[str, ...]]:
-    text = (resources.files("grefine_hooks") / "data" / COMPOUNDS_FILE).read_text(encoding="utf-8")
-    return frozenset(tuple(line.split()) for line in text.splitlines()
-                     if line.strip() and not line.startswith("#"))
+    """The hand-written compounds, and the multi-word names of public object vocabularies less
+    those led by an attribute word ("brown bear") or naming a category ("salt and pepper shakers")."""
+    def read(name: str) -> set[tuple[str, ...]]:
+        text = (resources.files("grefine_hooks") / "data" / name).read_text(encoding="utf-8")
+        return {tuple(line.split()) for line in text.splitlines()
+                if line.strip() and not line.startswith("#")}
+
+    vocabulary = {e for e in read(VOCABULARY_FILE) if 2 <= len(e) <= 4
+                  and e[0] not in _ATTRIBUTE_WORDS and not {"and", "&", "of"} & set(e)}
+    return frozenset(read(COMPOUNDS_FILE) | vocabulary)
 
 
 def _lexical_compounds(lower: Sequence[str]) -> list[tuple[int, int]]:
@@ -414,9 +511,19 @@ def _frame_length(tokens: Sequence[_Token], piece: list[int]) -> int:
     return 0
 
 
-def _only_media(tokens: Sequence[_Token], piece: list[int]) -> bool:
-    nouns = [tokens[i].text.lower() for i in piece if tokens[i].tag in NOUN_TAGS]
-    return bool(nouns) and all(noun in _MEDIA for noun in nouns)
+def _style_segment(tokens: Sequence[_Token], piece: list[int]) -> bool:
+    """A comma segment that names no depicted object: an artist or style credit ("by greg
+    rutkowski", "in the style of van gogh"), or nouns of media and style only, heads of their
+    noun runs ("digital art", "oil painting", "studio lighting", "8k uhd"), with no determiner
+    or count that would make one of them an object ("a painting, a vase and a frame")."""
+    lower = [tokens[i].text.lower() for i in piece]
+    if any(tuple(lower[: len(c)]) == c and len(lower) > len(c) for c in _CREDITS):
+        return True
+    if tokens[piece[0]].tag in ("DET", "NUM"):
+        return False
+    heads = [lower[k] for k, i in enumerate(piece) if tokens[i].tag in NOUN_TAGS
+             and (k + 1 == len(piece) or tokens[piece[k + 1]].tag not in NOUN_TAGS)]
+    return bool(heads) and all(head in _MEDIA or head in _STYLE_NOUNS for head in heads)
 
 
 def _chunk_tags(tokens: Sequence[_Token]) -> list[str]:
@@ -494,7 +601,7 @@ def _index_tree(prompt: str, tokens: Sequence[_Token]) -> Tree:
         while (frame := _frame_length(tokens, piece)):
             children += piece[:frame]
             piece = piece[frame:]
-        if _only_media(tokens, piece):  # a style segment ("digital art", "oil painting")
+        if _style_segment(tokens, piece):  # "digital art", "by greg rutkowski"
             children += piece
             continue
         chunked = _CHUNKER.parse(Tree("SEG", [(str(i), tags[i]) for i in piece]))
