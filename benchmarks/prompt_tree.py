@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed passes (rounds with --against)")
     parser.add_argument("--misses", type=int, default=0, help="list this many misses")
-    parser.add_argument("--set", choices=("dev", "heldout"), default="dev",
+    parser.add_argument("--set", choices=("dev", "heldout", "sealed"), default="dev",
                         help="which set --misses lists")
     parser.add_argument("--budget-ms", type=float, default=5.0,
                         help="fail when the median CPU time per prompt is over this")
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-SETS = {"dev": labels.DEV_SET, "heldout": labels.HELDOUT_SET}
+SETS = {"dev": labels.DEV_SET, "heldout": labels.HELDOUT_SET, "sealed": labels.SEALED_SET}
 
 
 def worker(checkout: Path, repeats: int) -> dict:

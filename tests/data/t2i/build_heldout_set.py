@@ -171,6 +171,76 @@ def attend_excite() -> list[dict]:
     return out
 
 
+_CHUNK = re.compile(r"^an? (?:(\w+) )?(\w+)$")
+_COLOURS = {"red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black",
+            "white", "gray", "grey"}
+
+
+def feng_level_3() -> list[dict]:
+    """Three objects joined by ",", "and" and "with": "a A with a B , a COLOUR C".
+
+    Objects and colours by the template; B hangs under A where "a A with a B" is not part of a
+    longer "with" chain (in "a A with a B with a C" the attachment is ambiguous).
+    """
+    out = []
+    for prompt in lines(RAW / "feng_level_3.txt"):
+        parts = re.split(r" (,|and|with) ", prompt)
+        chunks, links = parts[::2], parts[1::2]
+        matches = [_CHUNK.match(c) for c in chunks]
+        if not all(matches) or any(m[1] and m[1] not in _COLOURS for m in matches):
+            continue
+        objects = [m[2] for m in matches]
+        if not unique(objects):
+            continue
+        attributes = [(m[1], m[2]) for m in matches if m[1]]
+        relations = [(objects[k], "with", objects[k + 1]) for k, link in enumerate(links)
+                     if link == "with" and links.count("with") == 1]
+        out.append(item("structured-diffusion", "level_3", prompt, objects, attributes, relations))
+    return out
+
+
+_ABC_COLOURS = _COLOURS | {"silver", "gold", "tan", "beige"}
+_BOUNDARY = {None, ".", ",", "and", "with", "on", "in", "inside", "is", "are", "sitting", "sits",
+             "standing", "next", "near", "behind", "under", "above", "that", "which", "while",
+             "has", "parked", "at", "over", "into", "against", "reads", "looking", "hangs", "flies",
+             "of", "for", "to"}
+_FUNCTION = {"a", "an", "the", "and", "with", "on", "in", "is", "are", "of", "to", "at", "one",
+             "other", "some"}
+_C = "(" + "|".join(sorted(_ABC_COLOURS)) + ")"
+_ABC_REL = re.compile(r"^(?:a|an|the) (?:\w+ )?" + _C + r" (\w+) (?:is )?(?:\w+ )?(on top of|"
+                      r"in front of|next to|behind|inside|on|near|under|above) (?:a|an|the) "
+                      r"(?:\w+ )?" + _C + r" (\w+)\.?$")
+
+
+def abc6k() -> list[dict]:
+    """COCO captions with two colour words (ABC-6K's original captions, its odd lines).
+
+    A colour word followed by one word and then a boundary (end, comma, "and", "with", a
+    preposition, "is", ...) binds the colour to that word, an object ("a white toilet with";
+    not "a red tiled floor", "a grey counter top": the word after the colour must end the noun
+    phrase). "[det] [adj] COLOUR X [is] [verb] <on|on top of|in front of|next to|behind|inside|
+    near|under|above> det [adj] COLOUR Y" also gives the relation (Y hangs under X).
+    """
+    out = []
+    for prompt in lines(RAW / "abc6k_originals.txt"):
+        toks = re.findall(r"[a-z0-9']+|[.,]", prompt.lower())
+        pairs = []
+        for i, tok in enumerate(toks[:-1]):
+            word, after = toks[i + 1], toks[i + 2] if i + 2 < len(toks) else None
+            if (tok in _ABC_COLOURS and word.isalpha() and word not in _ABC_COLOURS
+                    and word not in _FUNCTION and after in _BOUNDARY):
+                pairs.append((tok, word))
+        objects = [w for _, w in pairs]
+        if not pairs or not unique(objects):
+            continue
+        relations = []
+        if (m := _ABC_REL.match(prompt.lower())) and m[1] in _ABC_COLOURS and m[4] in _ABC_COLOURS:
+            if m[2] in objects and m[5] in objects:
+                relations.append((m[2], m[3], m[5]))
+        out.append(item("abc-6k", "coco_captions", prompt, objects, pairs, relations))
+    return out
+
+
 _FINITE = re.compile(r"\b(is|are|was|were)\b|^(?:A|The) ")
 
 
@@ -192,12 +262,21 @@ def build() -> list[dict]:
     return base + styled(base)
 
 
-def main() -> None:
-    items = build()
-    with open(HERE / "t2i_heldout.jsonl", "w", encoding="utf-8") as fh:
+def build_sealed() -> list[dict]:
+    base = feng_level_3() + abc6k()
+    return base + styled(base)
+
+
+def write(items: list[dict], name: str) -> None:
+    with open(HERE / name, "w", encoding="utf-8") as fh:
         for it in items:
             fh.write(json.dumps(it) + "\n")
-    print(f"wrote {len(items)} prompts to {HERE / 't2i_heldout.jsonl'}")
+    print(f"wrote {len(items)} prompts to {HERE / name}")
+
+
+def main() -> None:
+    write(build(), "t2i_heldout.jsonl")
+    write(build_sealed(), "t2i_sealed.jsonl")
 
 
 if __name__ == "__main__":

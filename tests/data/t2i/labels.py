@@ -23,6 +23,7 @@ from pathlib import Path
 
 DEV_SET = Path(__file__).resolve().parent / "t2i_dev.jsonl"
 HELDOUT_SET = Path(__file__).resolve().parent / "t2i_heldout.jsonl"
+SEALED_SET = Path(__file__).resolve().parent / "t2i_sealed.jsonl"
 
 
 def load(path: Path = DEV_SET) -> list[dict]:
