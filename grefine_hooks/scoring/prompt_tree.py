@@ -84,7 +84,7 @@ _NLTK_TAGGER_RESOURCE = "taggers/averaged_perceptron_tagger_eng/"
 # Comments here must not contain a colon (nltk reads it as a stage label).
 _GRAMMAR = r"""
 NP: {<DET|NUM>+<ADV|ADJ|VERB|NUM>*(<PUNCT|CCONJ><ADV|ADJ|VERB|NUM>+)*<NOUN|PROPN>+}  # a red book
-    {<ADV|ADJ|NUM>*(<PUNCT|CCONJ><ADV|ADJ|NUM>+)*<NOUN|PROPN>+}                      # long hair
+    {(<ADV|ADJ|NUM>+(<PUNCT|CCONJ><ADV|ADJ|NUM>+)*)?<NOUN|PROPN>+}                  # long hair
 POSS: {<NP><POS>}                  # the dog 's
 NP: {<POSS><NP>}                   # the dog 's ball
 PP: {<ADP>+<NP>}                   # on a table
@@ -94,7 +94,8 @@ PP: {<PP><PP>(?!<PP>)}
 PP: {<PP><PP>(?!<PP>)}
 PP: {<PP><PP>+}                    # longer chains stay flat, keeping the tree shallow
 NP: {<NP><PP>}                     # a cup on a table
-VP: {<AUX|PART|ADV>*<VERB|AUX><ADV|PART|VERB|AUX>*<NP|PP|ADJ|ADV>*}  # riding a horse on the moon
+VP: {<AUX|PART|ADV>*<VERB|AUX><ADV|PART|VERB|AUX>*<NP|PP|ADJ|ADV>*(<CCONJ><NP>(?!<VERB|AUX>))*}  # wearing a hat and a scarf
+VP: {<VP>(<CCONJ><VP>)+}           # holding a cup and reading a book (one subject)
 RC: {<REL><NP>?<VP>}               # that is chasing a ball
 PP: {<OF><NP><VP|RC>+}             # of a cat sleeping on a couch (the clause goes with the cat)
 NP: {<NP><PP|VP|RC>+}              # a man in a suit riding a horse
@@ -139,6 +140,7 @@ _MEDIA = frozenset({
     "photorealism", "artstation", "style", "bokeh", "hdr", "cinematic", "anime", "octane",
 })
 _MAX_FRAME_WORDS = 6
+_EXISTENTIAL_BE = frozenset({"is", "are", "was", "were", "'s", "be", "stands", "sits", "lies"})
 # Titles whose full stop belongs to the word: "Mr. Smith" is one name, not two sentences.
 _ABBREVIATIONS = frozenset({
     "mr", "mrs", "ms", "mx", "dr", "prof", "st", "mt", "ft", "jr", "sr", "rev", "fr", "gen",
@@ -426,8 +428,11 @@ def _repair_tags(words: Sequence[str], tags: list[str],
                 and at(i + 1) in ("DET", "NUM", "ADJ", "PRON", *NOUN_TAGS)
                 and at(i - 1) not in ("DET", "ADJ", "ADV")):
             tags[i] = "ADP"
-        elif (i not in listed and tags[i] in ("NOUN", "PROPN", "ADJ") and _past_form(words[i], noun_reading)
-              and (at(i - 1) in NOUN_TAGS or at(i - 1) == "ADJ" and i > 1 and np_start(i - 1))):
+        elif (i not in listed and tags[i] in ("NOUN", "PROPN", "ADJ")
+              and (at(i - 1) in NOUN_TAGS or at(i - 1) == "ADJ" and i > 1 and np_start(i - 1))
+              and (_past_form(words[i], noun_reading) or _participle(words[i], noun_reading)
+                   and at(i - 1) in NOUN_TAGS
+                   and at(i + 1) in ("ADP", "DET", "CCONJ", "PUNCT", "ADV", None))):
             tags[i] = "VERB"
         elif (low == "can" and tags[i] in ("AUX", "VERB") and at(i - 1) in ("DET", "ADJ", *NOUN_TAGS)
               and at(i + 1) not in ("VERB", "AUX", "ADV", "PART", "PRON")):
@@ -437,9 +442,11 @@ def _repair_tags(words: Sequence[str], tags: list[str],
         # "red and blue car", "red, shiny apple": the noun phrase goes on after the link
         continues = at(i + 1) in ("CCONJ", "PUNCT") and at(i + 2) in ("ADJ", "ADV", "VERB", *NOUN_TAGS)
         ends_np = at(i + 1) in _NP_END and not continues
-        if tags[i] in ("ADJ", "ADV") and ends_np and i > 0 and tags[i - 1] != "PUNCT" and np_start(i) and (
-                tags[i] == "ADJ" or at(i - 1) in ("DET", "NUM", "ADJ")):
-            tags[i] = "NOUN"
+        after_attribute = lower[i - 1] in _ATTRIBUTE_WORDS and i > 1 and np_start(i - 1)
+        if tags[i] in ("ADJ", "ADV") and ends_np and i > 0 and tags[i - 1] != "PUNCT" and (
+                np_start(i) and (tags[i] == "ADJ" or at(i - 1) in ("DET", "NUM", "ADJ"))
+                or after_attribute and at(i - 1) in ("ADJ", *NOUN_TAGS)):
+            tags[i] = "NOUN"  # "a photo of an orange", "a blue sphere" at a noun phrase's end
         elif tags[i] == "NOUN" and at(i - 1) in NOUN_TAGS and at(i + 1) == "DET":
             tags[i] = "VERB"  # "a child draws a flower": a noun run never runs into a determiner
         elif tags[i] == "VERB" and not low.endswith("ing") and not _past_form(words[i], noun_reading):
@@ -451,6 +458,14 @@ def _repair_tags(words: Sequence[str], tags: list[str],
                 tags[i] = "NOUN"
     attributes()
     return tags
+
+
+def _participle(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
+    """An "-ing" form the tagger's data did not see mostly as a noun ("a cat sleeping"; not
+    "a wedding", "a building"). Without that data no "-ing" word is taken for a verb here."""
+    low = word.lower()
+    return (len(low) >= 6 and low.endswith("ing") and noun_reading is not None
+            and not noun_reading(word))
 
 
 def _past_form(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
@@ -499,14 +514,18 @@ def _lexical_compounds(lower: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def _frame_length(tokens: Sequence[_Token], piece: list[int]) -> int:
-    """How many leading words of a segment name the medium ("a photo of", "an oil painting of")."""
+    """How many leading words of a segment frame its objects: the medium ("a photo of", "an oil
+    painting of") or an existential "there is" ("there are two cats on a bed")."""
+    lower = [tokens[i].text.lower() for i in piece[:3]]
+    if len(piece) > 2 and lower[0] == "there" and lower[1] in _EXISTENTIAL_BE:
+        return 2
     for k in range(1, min(len(piece) - 1, _MAX_FRAME_WORDS)):
         tok = tokens[piece[k]]
         if tok.tag == "ADP" and tok.text.lower() != "of" or tok.tag == "PUNCT":
             return 0
         if tok.text.lower() == "of":
             before = [tokens[i].text.lower() for i in piece[:k]]
-            medium = before[-1] in _MEDIA or before[-2:] == ["close", "up"]
+            medium = before[-1] in _MEDIA or before[-2:] in (["close", "up"], ["still", "life"])
             return k + 1 if medium else 0
     return 0
 
@@ -597,7 +616,7 @@ def _index_tree(prompt: str, tokens: Sequence[_Token]) -> Tree:
         if isinstance(piece, int):
             children.append(piece)
             continue
-        # framing words ("a photo of") are leaves of the root: they join no phrase
+        # framing words ("a photo of", "there is") are leaves of the root: they join no phrase
         while (frame := _frame_length(tokens, piece)):
             children += piece[:frame]
             piece = piece[frame:]
