@@ -616,6 +616,9 @@ def _index_tree(prompt: str, tokens: Sequence[_Token]) -> Tree:
         if isinstance(piece, int):
             children.append(piece)
             continue
+        if _style_segment(tokens, piece):  # "in the style of van gogh": no frame, no object
+            children += piece
+            continue
         # framing words ("a photo of", "there is") are leaves of the root: they join no phrase
         while (frame := _frame_length(tokens, piece)):
             children += piece[:frame]

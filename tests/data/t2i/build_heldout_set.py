@@ -256,14 +256,21 @@ def styled(items: list[dict]) -> list[dict]:
     return out
 
 
+def not_in_dev(items: list[dict]) -> list[dict]:
+    """Drops prompts the development set has too (T2I-CompBench took some of CC-500's)."""
+    dev = {json.loads(ln)["prompt"].lower()
+           for ln in (HERE / "t2i_dev.jsonl").read_text(encoding="utf-8").splitlines() if ln}
+    return [it for it in items if it["prompt"].lower() not in dev]
+
+
 def build() -> list[dict]:
-    base = (compbench_3d_spatial() + compbench_numeracy() + compbench_shape()
-            + compbench_non_spatial() + cc500() + attend_excite())
+    base = not_in_dev(compbench_3d_spatial() + compbench_numeracy() + compbench_shape()
+                      + compbench_non_spatial() + cc500() + attend_excite())
     return base + styled(base)
 
 
 def build_sealed() -> list[dict]:
-    base = feng_level_3() + abc6k()
+    base = not_in_dev(feng_level_3() + abc6k())
     return base + styled(base)
 
 
