@@ -198,6 +198,15 @@ _PAST_FORMS = frozenset("""
     taught tore torn told thought threw thrown trod trodden understood woke woken wore worn wove
     woven wept wrote written
 """.split())
+# Present-tense verbs that are no plural noun as well: after a noun they are its verb ("a cat
+# sits on a mat", "an airplane soars across the sky"), never the head of a compound with it.
+_PRESENT_FORMS = frozenset("""
+    sits stands sleeps swims hangs holds rides eats waits jumps grows floats hovers glows leans
+    perches drives wears carries sings chases crawls climbs stares gazes kneels reaches pours writes
+    catches pulls pushes dives soars overlooks grazes roams shines flows melts reads lays stretches
+    sips bites licks hugs kisses lifts fetches blows smells tastes touches grabs wanders strolls
+    marches gallops flutters glides hides peeks peers lurks sprints leaps bounces
+""".split())
 # Nouns that name how a picture is made or lit, not what it shows: a comma segment headed by
 # them ("studio lighting", "unreal engine", "sharp focus", "8k uhd") is a style tag.
 _STYLE_NOUNS = frozenset({
@@ -469,10 +478,11 @@ def _participle(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
 
 
 def _past_form(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
-    """A past tense or participle: listed, or a regular "-ed" form the tagger's data did not see
-    mostly as a noun ("bed", "shed" and "steed" are no verbs)."""
+    """A verb form that never heads a compound: a listed past tense, participle or present form
+    ("hidden", "swam", "sits"), or a regular "-ed" form the tagger's data did not see mostly as a
+    noun ("bed", "shed" and "steed" are no verbs)."""
     low = word.lower()
-    if low in _PAST_FORMS:
+    if low in _PAST_FORMS or low in _PRESENT_FORMS:
         return True
     regular = len(low) >= 5 and low.endswith("ed") and not low.endswith("eed")
     return regular and (noun_reading is None or not noun_reading(word))

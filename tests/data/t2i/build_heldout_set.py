@@ -112,10 +112,10 @@ def compbench_shape() -> list[dict]:
     return out
 
 
-def compbench_non_spatial() -> list[dict]:
+def compbench_non_spatial(name: str = "compbench_non_spatial_val.txt") -> list[dict]:
     seen = set(lines(HERE / "compbench_non_spatial_val.txt"))
     out = []
-    for prompt in lines(RAW / "compbench_non_spatial_val.txt"):
+    for prompt in lines(RAW / name):
         m = _ACTION.match(prompt)
         if m and prompt not in seen:
             subject, verb, prep, obj = m.groups()
@@ -212,7 +212,7 @@ _ABC_REL = re.compile(r"^(?:a|an|the) (?:\w+ )?" + _C + r" (\w+) (?:is )?(?:\w+ 
                       r"(?:\w+ )?" + _C + r" (\w+)\.?$")
 
 
-def abc6k() -> list[dict]:
+def abc6k(name: str = "abc6k_originals.txt") -> list[dict]:
     """COCO captions with two colour words (ABC-6K's original captions, its odd lines).
 
     A colour word followed by one word and then a boundary (end, comma, "and", "with", a
@@ -222,7 +222,7 @@ def abc6k() -> list[dict]:
     near|under|above> det [adj] COLOUR Y" also gives the relation (Y hangs under X).
     """
     out = []
-    for prompt in lines(RAW / "abc6k_originals.txt"):
+    for prompt in lines(RAW / name):
         toks = re.findall(r"[a-z0-9']+|[.,]", prompt.lower())
         pairs = []
         for i, tok in enumerate(toks[:-1]):
@@ -265,12 +265,14 @@ def not_in_dev(items: list[dict]) -> list[dict]:
 
 def build() -> list[dict]:
     base = not_in_dev(compbench_3d_spatial() + compbench_numeracy() + compbench_shape()
-                      + compbench_non_spatial() + cc500() + attend_excite())
+                      + compbench_non_spatial() + cc500() + attend_excite() + feng_level_3()
+                      + abc6k())
     return base + styled(base)
 
 
 def build_sealed() -> list[dict]:
-    base = not_in_dev(feng_level_3() + abc6k())
+    base = not_in_dev(abc6k("abc6k_originals_2.txt")
+                      + compbench_non_spatial("compbench_non_spatial_train.txt"))
     return base + styled(base)
 
 
