@@ -308,6 +308,8 @@ GENERAL_RULES = [
     ("a corgi on a beach, studio lighting, unreal engine, by greg rutkowski, masterpiece, best quality",
      [("corgi", "a corgi", None), ("beach", "on a beach", "corgi")]),
     ("a cat, in the style of van gogh", [("cat", "a cat", None)]),
+    # ... but "by" before a determiner is a place
+    ("a cat, by the window", [("cat", "a cat", None), ("window", "by the window", None)]),
     # a medium noun after a determiner is an object
     ("an oval picture and a rectangular frame",
      [("picture", "an oval picture", None), ("frame", "a rectangular frame", None)]),

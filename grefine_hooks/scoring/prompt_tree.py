@@ -546,8 +546,10 @@ def _style_segment(tokens: Sequence[_Token], piece: list[int]) -> bool:
     noun runs ("digital art", "oil painting", "studio lighting", "8k uhd"), with no determiner
     or count that would make one of them an object ("a painting, a vase and a frame")."""
     lower = [tokens[i].text.lower() for i in piece]
-    if any(tuple(lower[: len(c)]) == c and len(lower) > len(c) for c in _CREDITS):
-        return True
+    for credit in _CREDITS:
+        if tuple(lower[: len(credit)]) == credit and len(lower) > len(credit):
+            # a bare "by" before a determiner is a place ("by the window"), not a credit
+            return credit != ("by",) or tokens[piece[1]].tag not in ("DET", "NUM")
     if tokens[piece[0]].tag in ("DET", "NUM"):
         return False
     heads = [lower[k] for k, i in enumerate(piece) if tokens[i].tag in NOUN_TAGS
