@@ -317,6 +317,10 @@ GENERAL_RULES = [
     ("there is a red car parked next to a tree",
      [("car", "a red car", None), ("tree", "parked next to a tree", "car")]),
     ("a still life of apples and a jug", [("apples", "apples", None), ("jug", "a jug", None)]),
+    # a frame is one noun phrase naming the medium: here the robot paints, the portrait is an object
+    ("a robot painting a portrait of a cat",
+     [("robot", "a robot", None), ("portrait", "painting a portrait", "robot"),
+      ("cat", "of a cat", "portrait")]),
     # a verb's coordinated objects hang under its subject; a new subject with its own verb does not
     ("a woman wearing a red dress and a black hat",
      [("woman", "a woman", None), ("dress", "wearing a red dress", "woman"),

@@ -80,7 +80,9 @@ _NLTK_TAGGER_RESOURCE = "taggers/averaged_perceptron_tagger_eng/"
 
 # Cascaded chunk grammar over UPOS (plus the internal tags made by _chunk_tags: REL
 # relative pronoun, POS possessive 's, OF the preposition "of", DET also for my/her...).
-# One stage per line label; later stages see earlier chunks as single tags.
+# One stage per line label; later stages see earlier chunks as single tags. A verb group takes
+# coordinated objects ("wearing a hat and a scarf") when the noun phrase after "and" has no verb
+# of its own ("a girl holding a cup and a boy holding a ball" is two subjects).
 # Comments here must not contain a colon (nltk reads it as a stage label).
 _GRAMMAR = r"""
 NP: {<DET|NUM>+<ADV|ADJ|VERB|NUM>*(<PUNCT|CCONJ><ADV|ADJ|VERB|NUM>+)*<NOUN|PROPN>+}  # a red book
@@ -94,7 +96,7 @@ PP: {<PP><PP>(?!<PP>)}
 PP: {<PP><PP>(?!<PP>)}
 PP: {<PP><PP>+}                    # longer chains stay flat, keeping the tree shallow
 NP: {<NP><PP>}                     # a cup on a table
-VP: {<AUX|PART|ADV>*<VERB|AUX><ADV|PART|VERB|AUX>*<NP|PP|ADJ|ADV>*(<CCONJ><NP>(?!<VERB|AUX>))*}  # wearing a hat and a scarf
+VP: {<AUX|PART|ADV>*<VERB|AUX><ADV|PART|VERB|AUX>*<NP|PP|ADJ|ADV>*(<CCONJ><NP>(?!<VERB|AUX>))*}
 VP: {<VP>(<CCONJ><VP>)+}           # holding a cup and reading a book (one subject)
 RC: {<REL><NP>?<VP>}               # that is chasing a ball
 PP: {<OF><NP><VP|RC>+}             # of a cat sleeping on a couch (the clause goes with the cat)
@@ -213,7 +215,7 @@ _STYLE_NOUNS = frozenset({
     "lighting", "engine", "focus", "resolution", "quality", "detail", "details", "masterpiece",
     "uhd", "hd", "fhd", "4k", "8k", "16k", "wallpaper", "aesthetic", "aesthetics", "composition",
     "trending", "deviantart", "pixiv", "behance", "cgsociety", "unsplash", "artstation", "dof",
-    "depth", "raytracing", "ray", "tracing", "vray", "blender", "cinema4d", "c4d", "photoshop",
+    "depth", "raytracing", "ray", "tracing", "vray", "blender", "cinema4d", "c4d", "photoshop", "hour",
     "midjourney", "render", "rendering", "shading", "lens", "aperture", "exposure",
 })
 # Segment openings that credit an artist or a style ("by greg rutkowski", "in the style of
@@ -531,8 +533,8 @@ def _frame_length(tokens: Sequence[_Token], piece: list[int]) -> int:
         return 2
     for k in range(1, min(len(piece) - 1, _MAX_FRAME_WORDS)):
         tok = tokens[piece[k]]
-        if tok.tag == "ADP" and tok.text.lower() != "of" or tok.tag == "PUNCT":
-            return 0
+        if tok.tag == "ADP" and tok.text.lower() != "of" or tok.tag in ("PUNCT", "DET", "PRON"):
+            return 0  # one noun phrase names the medium: "a robot painting a portrait of" does not
         if tok.text.lower() == "of":
             before = [tokens[i].text.lower() for i in piece[:k]]
             medium = before[-1] in _MEDIA or before[-2:] in (["close", "up"], ["still", "life"])
