@@ -332,6 +332,12 @@ GENERAL_RULES = [
     ("red apples, green pears and yellow bananas",
      [("apples", "red apples", None), ("pears", "green pears", None),
       ("bananas", "yellow bananas", None)]),
+    # generator syntax is no words: emphasis brackets, attention weights, camera settings and
+    # "--" parameters (a spaced "--" is a dash and still splits)
+    ("(a red fox:1.3) in a [snowy forest], f/1.8, 16:9 --ar 16:9 --v 5",
+     [("fox", "a red fox", None), ("snowy forest", "in a snowy forest", "fox")]),
+    ("a cat -- a dog", [("cat", "a cat", None), ("dog", "a dog", None)]),
+    ("close up portrait photo of a woman", [("woman", "a woman", None)]),
     # capitals, framing and trailing style tags
     ("A PHOTO OF A DOG RIGHT OF A TEDDY BEAR",
      [("DOG", "A DOG", None), ("TEDDY BEAR", "RIGHT OF A TEDDY BEAR", "DOG")]),

@@ -32,6 +32,9 @@ names of public object vocabularies (COCO, Open Images: ``object_compounds.txt``
 hand-written ``compound_nouns.txt`` are read as one noun whatever the tagger says ("a remote
 control", "a hot dog"). Number words are counts, and colour, material, size and shape words
 before a noun are its attributes, never part of its name ("a teardrop plum": noun ``plum``).
+Generator syntax is no words: emphasis brackets and attention weights ("(fox:1.3)") are dropped
+by the tokenizer, camera settings ("f/1.8") are numbers, and a segment glued to "--" is a
+parameter ("--ar 16:9").
 
 "Nearest" noun (eq. 4): from a word, climb the tree to the first constituent
 that contains a noun centre, then take the centre fewest levels below it; on a
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -105,8 +109,12 @@ COORD: {<NP>(<CCONJ><NP>)+}        # a red book and a yellow vase
 """
 _CHUNKER = nltk.RegexpParser(_GRAMMAR, root_label="SEG")
 _TOKENIZER = NLTKWordTokenizer()
+_WEIGHT = re.compile(r":[0-9]*\.?[0-9]+")  # an attention weight glued to its word, "fox:1.3"
+_BRACKETS = "()[]{}"
 
-_SEPARATORS = frozenset({",", ";", ".", "!", "?", "|", "...", "…"})
+_SEPARATORS = frozenset({",", ";", ".", "!", "?", "|", "...", "…", "--"})
+# A segment after "--" is a generator parameter ("--ar 16:9 --v 5"), not a description.
+_PARAMETER_MARK = "--"
 _LINK_TAGS = frozenset({"CCONJ", "SCONJ", "PUNCT"})
 _REL_WORDS = frozenset({"that", "which", "who", "whom", "whose", "where"})
 _POSSESSIVE_PRONOUNS = frozenset({"my", "your", "his", "her", "its", "our", "their"})
@@ -367,6 +375,13 @@ def _spans(prompt: str) -> list[tuple[int, int]]:
     """
     spans: list[tuple[int, int]] = []
     for start, end in _TOKENIZER.span_tokenize(prompt):
+        if not prompt[start:end].strip(_BRACKETS):
+            continue  # emphasis brackets are no words: "(a red fox) in a [forest]"
+        weight = _WEIGHT.search(prompt, start, end)
+        if (weight and weight.end() == end and weight.start() > start
+                and prompt[start : weight.start()].isalpha()):
+            spans.append((start, weight.start()))  # "fox:1.3": the weight is no word either
+            continue
         word = prompt[start : end - 1]
         if (end - start > 2 and prompt[end - 1] == "." and word.isalpha()
                 and word.lower() not in _ABBREVIATIONS):
@@ -383,6 +398,8 @@ def _fix_tag(word: str, tag: str) -> str:
     rest = word[digits:]
     if 0 < digits and rest.isalpha():
         return "NOUN" if len(rest) >= 3 else "NUM"
+    if any(c.isdigit() for c in word) and sum(c.isalpha() for c in word) < 3:
+        return "NUM"  # camera settings and weights: "f/1.8", "16:9", ":1.3"
     return tag
 
 
@@ -533,7 +550,9 @@ def _frame_length(tokens: Sequence[_Token], piece: list[int]) -> int:
         return 2
     for k in range(1, min(len(piece) - 1, _MAX_FRAME_WORDS)):
         tok = tokens[piece[k]]
-        if tok.tag == "ADP" and tok.text.lower() != "of" or tok.tag in ("PUNCT", "DET", "PRON"):
+        close_up = tok.text.lower() == "up" and tokens[piece[k - 1]].text.lower() == "close"
+        if (tok.tag == "ADP" and tok.text.lower() != "of" and not close_up
+                or tok.tag in ("PUNCT", "DET", "PRON")):
             return 0  # one noun phrase names the medium: "a robot painting a portrait of" does not
         if tok.text.lower() == "of":
             before = [tokens[i].text.lower() for i in piece[:k]]
@@ -630,7 +649,10 @@ def _index_tree(prompt: str, tokens: Sequence[_Token]) -> Tree:
         if isinstance(piece, int):
             children.append(piece)
             continue
-        if _style_segment(tokens, piece):  # "in the style of van gogh": no frame, no object
+        mark = children[-1] if children and isinstance(children[-1], int) else None
+        parameter = (mark is not None and tokens[mark].text == _PARAMETER_MARK
+                     and tokens[mark].end == tokens[piece[0]].start)  # "--ar 16:9", not "-- a dog"
+        if parameter or _style_segment(tokens, piece):  # "in the style of van gogh"
             children += piece
             continue
         # framing words ("a photo of", "there is") are leaves of the root: they join no phrase
