@@ -1,18 +1,22 @@
 """The prompt tree on labelled text-to-image benchmark prompts: accuracy per category, and speed.
 
-Reads the two labelled sets in ``tests/data/t2i`` (object / attribute / relation labels made by
+Reads the three labelled sets in ``tests/data/t2i`` (object / attribute / relation labels made by
 rule, see its README): the development set ``t2i_dev.jsonl`` (GenEval templates, T2I-CompBench
-colour/texture/spatial/non-spatial lines; the rules were developed on it) and the held-out set
-``t2i_heldout.jsonl`` (other T2I-CompBench files, CC-500, Attend-and-Excite, and their styled
-twins). Prints, per set, source and category, object recall, attribute binding and relation
-attachment of ``parse_prompt``, the prompts that raised, then the time per prompt: the median of
-``--repeats`` passes over both sets (one pass parses every prompt once, in a shuffled order; the
-first pass scores the sets, which also loads the tagger), as wall time and as the process's CPU
-time (the fairer figure on a machine shared with other work). Exits 1 when the median CPU time
-per prompt is over ``--budget-ms`` (5 ms, the issue's bound) or a prompt raised.
+colour/texture/spatial/non-spatial lines; the rules were developed on it), the held-out set
+``t2i_heldout.jsonl`` (other T2I-CompBench files, CC-500, Attend-and-Excite, Structured
+Diffusion's three-object prompts, ABC-6K captions; its misses were read to find general causes)
+and the sealed set ``t2i_sealed.jsonl`` (later ABC-6K captions, T2I-CompBench non-spatial
+training lines; only its totals are read: do not list its misses while changing the rules), each
+with styled twins. Prints, per set, source and category, object recall, attribute binding and
+relation attachment of ``parse_prompt``, the prompts that raised, then the time per prompt: the
+median of ``--repeats`` passes over all sets (one pass parses every prompt once, in a shuffled
+order; the first pass scores the sets, which also loads the tagger), as wall time and as the
+process's CPU time (the fairer figure on a machine shared with other work). Exits 1 when the
+median CPU time per prompt is over ``--budget-ms`` (5 ms, the issue's bound) or a prompt raised.
 
     python benchmarks/prompt_tree.py
     python benchmarks/prompt_tree.py --misses 20 --set heldout   # also list the first misses
+    python benchmarks/prompt_tree.py --against ../other-checkout  # before / after, interleaved
 """
 
 from __future__ import annotations
