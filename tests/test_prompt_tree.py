@@ -126,13 +126,12 @@ END_TO_END = [
     # words of a noun-less segment join nothing, not a noun in another segment
     ("a red car, highly detailed, 8k", [("car", "a red car", None)]),
     # comma-separated tag lists: every segment is its own top-level group
-    # ("solo" is an interjection to the tagger, so it heads nothing)
+    # ("solo" is an interjection to the tagger, so it heads nothing); quality and style tags
+    # ("masterpiece", "best quality") name no depicted object and give no phrase
     ("masterpiece, best quality, 1girl, solo, long hair",
-     [("masterpiece", "masterpiece", None), ("quality", "best quality", None),
-      ("1girl", "1girl", None), ("hair", "long hair", None)]),
+     [("1girl", "1girl", None), ("hair", "long hair", None)]),
     ("masterpiece, best quality, 1girl, solo, long hair, looking at viewer",
-     [("masterpiece", "masterpiece", None), ("quality", "best quality", None),
-      ("1girl", "1girl", None), ("hair", "long hair", None),
+     [("1girl", "1girl", None), ("hair", "long hair", None),
       ("viewer", "looking at viewer", None)]),
     ("a sunset over the ocean, dramatic clouds, golden light",
      [("sunset", "a sunset", None), ("ocean", "over the ocean", "sunset"),
@@ -212,11 +211,19 @@ def test_build_tree_design_example():
 
 
 def test_build_tree_tag_list_keeps_each_segment_apart():
-    tree = build_tree("masterpiece, best quality, long hair, looking at viewer")
+    tree = build_tree("1girl, red dress, long hair, looking at viewer")
     labels = [c.label() if isinstance(c, Tree) else c for c in tree]
     assert labels == ["SEG", (",", "PUNCT"), "SEG", (",", "PUNCT"), "SEG", (",", "PUNCT"), "SEG"]
     assert [" ".join(w for w, _ in seg.leaves()) for seg in tree if isinstance(seg, Tree)] == [
-        "masterpiece", "best quality", "long hair", "looking at viewer"]
+        "1girl", "red dress", "long hair", "looking at viewer"]
+
+
+def test_build_tree_style_segments_are_leaves_of_the_root():
+    # a style tag is no segment of the tree: its words hang from the root and join no phrase
+    tree = build_tree("a red dress, masterpiece, best quality")
+    labels = [c.label() if isinstance(c, Tree) else c for c in tree]
+    assert labels == ["SEG", (",", "PUNCT"), ("masterpiece", "NOUN"), (",", "PUNCT"),
+                      ("best", "ADJ"), ("quality", "NOUN")]
 
 
 def test_line_breaks_split_segments():

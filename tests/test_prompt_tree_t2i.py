@@ -173,7 +173,8 @@ class FixedTagger:
 
 TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", "sign": "VERB",
         "on": "ADP", "cat": "NOUN", "sat": "VERB", "mat": "NOUN", "pole": "NOUN", "running": "VERB",
-        "dog": "NOUN", "tie": "VERB", "below": "ADV", "red": "ADJ", "and": "CCONJ", "blue": "ADJ",
+        "dog": "NOUN", "tie": "VERB", "board": "VERB",
+        "below": "ADV", "red": "ADJ", "and": "CCONJ", "blue": "ADJ",
         "car": "NOUN", "pink": "NOUN", "left": "NOUN", "of": "ADP", "boy": "NOUN", "kicks": "NOUN",
         "ball": "NOUN", "near": "PROPN", "tree": "NOUN"}
 
@@ -187,9 +188,11 @@ TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", 
     ("a stop pole", (), [("stop pole", "a stop pole", None)]),
     ("a running dog", (), [("dog", "a running dog", None)]),
     # a verb after a noun becomes a noun only when the lexicon mostly saw it as one
-    ("a stop sign on a pole", ("sign",),
-     [("stop sign", "a stop sign", None), ("pole", "on a pole", "stop sign")]),
-    ("a stop sign", (), [("stop", "a stop sign", None)]),
+    ("a stop board on a pole", ("board",),
+     [("stop board", "a stop board", None), ("pole", "on a pole", "stop board")]),
+    ("a stop board", (), [("stop", "a stop board", None)]),
+    # ... unless the two words are an object vocabulary's name
+    ("a stop sign", (), [("stop sign", "a stop sign", None)]),
     ("a cat sat on a mat", ("sign",), [("cat", "a cat", None), ("mat", "sat on a mat", "cat")]),
     ("a tie below a dog", (), [("tie", "a tie", None), ("dog", "below a dog", "tie")]),
     ("a pink car left of a dog", (), [("car", "a pink car", None), ("dog", "left of a dog", "car")]),

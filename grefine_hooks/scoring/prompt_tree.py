@@ -19,13 +19,22 @@ nltk and runs offline:
   repair what a treebank tagger gets wrong on prompt fragments (:func:`_repair_tags`);
 * the tree comes from a cascaded ``nltk.RegexpParser`` chunk grammar over UPOS.
 
-Text-to-image prompts get three more rules. Framing words at the start of a segment ("a
-photo of", "an oil painting of", "a close-up of") name the medium, not an object: they join
-no phrase, so the object after them is the top of the tree, and a comma segment whose
-nouns all name a medium or style ("digital art", "photorealistic") gives no phrase. Multi-word spatial prepositions
-("left of", "to the right of", "on top of") are read as one preposition, so the object after
-them hangs under the object before them. A phrase's noun is the whole compound ("stop sign",
-"teddy bear"), the nouns right before its head included.
+Text-to-image prompts get more rules. Framing words at the start of a segment ("a photo of",
+"an oil painting of", "a close-up of") name the medium, not an object: they join no phrase, so
+the object after them is the top of the tree. A comma segment that names no depicted object gives
+no phrase: one whose nouns all head a medium or style ("digital art", "photorealistic", "studio
+lighting", "8k uhd", "masterpiece"), unless a determiner or count makes it an object ("a
+painting"), and an artist or style credit ("by greg rutkowski", "in the style of van gogh").
+Multi-word spatial prepositions ("left of", "to the right of", "on top of") are read as one
+preposition, so the object after them hangs under the object before them. A phrase's noun is the
+whole compound ("stop sign", "teddy bear"), the nouns right before its head included; two-word
+names of public object vocabularies (COCO, Open Images: ``object_compounds.txt``) and the
+hand-written ``compound_nouns.txt`` are read as one noun whatever the tagger says ("a remote
+control", "a hot dog"). Number words are counts, and colour, material, size and shape words
+before a noun are its attributes, never part of its name ("a teardrop plum": noun ``plum``).
+Generator syntax is no words: emphasis brackets and attention weights ("(fox:1.3)") are dropped
+by the tokenizer, camera settings ("f/1.8") are numbers, and a segment glued to "--" is a
+parameter ("--ar 16:9").
 
 "Nearest" noun (eq. 4): from a word, climb the tree to the first constituent
 that contains a noun centre, then take the centre fewest levels below it; on a
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,15 +79,18 @@ NOUN_TAGS = frozenset({"NOUN", "PROPN"})
 
 MODEL_FILE = "upos_tagger_ud_ewt.json"
 COMPOUNDS_FILE = "compound_nouns.txt"
+VOCABULARY_FILE = "object_compounds.txt"
 _NLTK_TAGGER_RESOURCE = "taggers/averaged_perceptron_tagger_eng/"
 
 # Cascaded chunk grammar over UPOS (plus the internal tags made by _chunk_tags: REL
 # relative pronoun, POS possessive 's, OF the preposition "of", DET also for my/her...).
-# One stage per line label; later stages see earlier chunks as single tags.
+# One stage per line label; later stages see earlier chunks as single tags. A verb group takes
+# coordinated objects ("wearing a hat and a scarf") when the noun phrase after "and" has no verb
+# of its own ("a girl holding a cup and a boy holding a ball" is two subjects).
 # Comments here must not contain a colon (nltk reads it as a stage label).
 _GRAMMAR = r"""
 NP: {<DET|NUM>+<ADV|ADJ|VERB|NUM>*(<PUNCT|CCONJ><ADV|ADJ|VERB|NUM>+)*<NOUN|PROPN>+}  # a red book
-    {<ADV|ADJ|NUM>*(<PUNCT|CCONJ><ADV|ADJ|NUM>+)*<NOUN|PROPN>+}                      # long hair
+    {(<ADV|ADJ|NUM>+(<PUNCT|CCONJ><ADV|ADJ|NUM>+)*)?<NOUN|PROPN>+}                  # long hair
 POSS: {<NP><POS>}                  # the dog 's
 NP: {<POSS><NP>}                   # the dog 's ball
 PP: {<ADP>+<NP>}                   # on a table
@@ -87,7 +100,8 @@ PP: {<PP><PP>(?!<PP>)}
 PP: {<PP><PP>(?!<PP>)}
 PP: {<PP><PP>+}                    # longer chains stay flat, keeping the tree shallow
 NP: {<NP><PP>}                     # a cup on a table
-VP: {<AUX|PART|ADV>*<VERB|AUX><ADV|PART|VERB|AUX>*<NP|PP|ADJ|ADV>*}  # riding a horse on the moon
+VP: {<AUX|PART|ADV>*<VERB|AUX><ADV|PART|VERB|AUX>*<NP|PP|ADJ|ADV>*(<CCONJ><NP>(?!<VERB|AUX>))*}
+VP: {<VP>(<CCONJ><VP>)+}           # holding a cup and reading a book (one subject)
 RC: {<REL><NP>?<VP>}               # that is chasing a ball
 PP: {<OF><NP><VP|RC>+}             # of a cat sleeping on a couch (the clause goes with the cat)
 NP: {<NP><PP|VP|RC>+}              # a man in a suit riding a horse
@@ -95,8 +109,12 @@ COORD: {<NP>(<CCONJ><NP>)+}        # a red book and a yellow vase
 """
 _CHUNKER = nltk.RegexpParser(_GRAMMAR, root_label="SEG")
 _TOKENIZER = NLTKWordTokenizer()
+_WEIGHT = re.compile(r":[0-9]*\.?[0-9]+")  # an attention weight glued to its word, "fox:1.3"
+_BRACKETS = "()[]{}"
 
-_SEPARATORS = frozenset({",", ";", ".", "!", "?", "|", "...", "…"})
+_SEPARATORS = frozenset({",", ";", ".", "!", "?", "|", "...", "…", "--"})
+# A segment after "--" is a generator parameter ("--ar 16:9 --v 5"), not a description.
+_PARAMETER_MARK = "--"
 _LINK_TAGS = frozenset({"CCONJ", "SCONJ", "PUNCT"})
 _REL_WORDS = frozenset({"that", "which", "who", "whom", "whose", "where"})
 _POSSESSIVE_PRONOUNS = frozenset({"my", "your", "his", "her", "its", "our", "their"})
@@ -117,7 +135,8 @@ for _words in _COMPLEX_PREPOSITIONS:
 _SPATIAL_WORDS = frozenset({
     "above", "below", "beneath", "under", "underneath", "behind", "beside", "besides", "near",
     "over", "inside", "outside", "atop", "around", "between", "among", "beyond", "across",
-    "along", "against", "opposite",
+    "along", "against", "opposite", "alongside", "amid", "amidst", "upon", "onto", "toward",
+    "towards", "within",
 })
 # Words that name the picture rather than what it shows; "<det> [modifiers] <medium> of" at
 # the start of a segment frames the objects after it ("an oil painting of", "a 3d render of").
@@ -131,6 +150,7 @@ _MEDIA = frozenset({
     "photorealism", "artstation", "style", "bokeh", "hdr", "cinematic", "anime", "octane",
 })
 _MAX_FRAME_WORDS = 6
+_EXISTENTIAL_BE = frozenset({"is", "are", "was", "were", "'s", "be", "stands", "sits", "lies"})
 # Titles whose full stop belongs to the word: "Mr. Smith" is one name, not two sentences.
 _ABBREVIATIONS = frozenset({
     "mr", "mrs", "ms", "mx", "dr", "prof", "st", "mt", "ft", "jr", "sr", "rev", "fr", "gen",
@@ -159,7 +179,60 @@ _SIZES = frozenset({
     "small", "large", "big", "tiny", "huge", "giant", "gigantic", "enormous", "massive", "little",
     "tall", "short", "long", "wide", "narrow", "thick", "thin", "miniature", "mini", "oversized",
 })
-_ATTRIBUTE_WORDS = _COLOURS | _MATERIALS | _SIZES
+_SHAPES = frozenset({
+    "round", "square", "oval", "oblong", "teardrop", "triangular", "rectangular", "circular",
+    "cubic", "spherical", "cylindrical", "conical", "pyramidal", "pentagonal", "hexagonal",
+    "octagonal", "crescent", "curved", "flat", "striped", "spotted", "checkered", "polka-dot",
+    "heart-shaped", "star-shaped",
+})
+_ATTRIBUTE_WORDS = _COLOURS | _MATERIALS | _SIZES | _SHAPES
+# Cardinal number words: always counts (a tagger reads "Seven" at a prompt's start as a name).
+_NUMBER_WORDS = frozenset({
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+    "hundred", "thousand", "million", "dozen",
+})
+# Irregular past tenses and participles that are no noun as well: after a noun they are its verb
+# ("a key hidden by a girl", "six fish swam"), never the head of a compound with it. Regular
+# ones end in "-ed".
+_PAST_FORMS = frozenset("""
+    arose awoke awoken borne beaten became begun began bitten bled blew blown broke broken bred
+    brought built burnt bought caught chose chosen clung came crept dealt dug drew drawn dreamt
+    drank drunk drove driven ate eaten fallen fed fought fled flung flew flown forbade forgot
+    forgotten froze frozen got gotten gave given went gone grew grown hung had heard hid hidden
+    held kept knelt knew known laid leant leapt lent lain lost made meant met paid rode ridden
+    rang rung risen ran said seen sought sold sent shook shaken shone shown shrank shrunk shut
+    sang sung sank sunk sat slept slid slung smelt sped spent spilt spun spat sprang sprung stood
+    stole stolen stuck stung stank struck strung swore sworn swept swam swum swung took taken
+    taught tore torn told thought threw thrown trod trodden understood woke woken wore worn wove
+    woven wept wrote written
+""".split())
+# Present-tense verbs that are no plural noun as well: after a noun they are its verb ("a cat
+# sits on a mat", "an airplane soars across the sky"), never the head of a compound with it.
+_PRESENT_FORMS = frozenset("""
+    sits stands sleeps swims hangs holds eats waits jumps grows hovers glows leans drives wears
+    carries sings chases crawls climbs stares gazes kneels reaches pours writes pushes dives soars
+    overlooks grazes roams shines flows melts reads lays sips licks hugs lifts fetches blows
+    smells tastes touches grabs wanders strolls marches gallops flutters glides peeks peers
+    lurks sprints leaps bounces
+""".split())
+# Nouns that name how a picture is made or lit, not what it shows: a comma segment headed by
+# them ("studio lighting", "unreal engine", "sharp focus", "8k uhd") is a style tag.
+_STYLE_NOUNS = frozenset({
+    "lighting", "engine", "focus", "resolution", "quality", "detail", "details", "masterpiece",
+    "uhd", "hd", "fhd", "4k", "8k", "16k", "wallpaper", "aesthetic", "aesthetics", "composition",
+    "trending", "deviantart", "pixiv", "behance", "cgsociety", "unsplash", "artstation", "dof",
+    "depth", "raytracing", "ray", "tracing", "vray", "blender", "cinema4d", "c4d", "photoshop", "hour",
+    "midjourney", "render", "rendering", "shading", "lens", "aperture", "exposure",
+})
+# Segment openings that credit an artist or a style ("by greg rutkowski", "in the style of
+# van gogh"): the rest of such a segment names no depicted object.
+_CREDITS = tuple(tuple(c.split()) for c in (
+    "in the style of", "in style of", "style of", "inspired by", "art by", "artwork by",
+    "illustration by", "painted by", "painting by", "photo by", "photograph by", "drawn by",
+    "designed by", "made by", "by",
+))
 _NP_END = frozenset({"ADP", "CCONJ", "SCONJ", "PUNCT", "VERB", "AUX", "PART", "PRON", None})
 
 # nltk's English tagger speaks Penn Treebank; this maps it to UPOS (word-independent
@@ -302,6 +375,13 @@ def _spans(prompt: str) -> list[tuple[int, int]]:
     """
     spans: list[tuple[int, int]] = []
     for start, end in _TOKENIZER.span_tokenize(prompt):
+        if not prompt[start:end].strip(_BRACKETS):
+            continue  # emphasis brackets are no words: "(a red fox) in a [forest]"
+        weight = _WEIGHT.search(prompt, start, end)
+        if (weight and weight.end() == end and weight.start() > start
+                and prompt[start : weight.start()].isalpha()):
+            spans.append((start, weight.start()))  # "fox:1.3": the weight is no word either
+            continue
         word = prompt[start : end - 1]
         if (end - start > 2 and prompt[end - 1] == "." and word.isalpha()
                 and word.lower() not in _ABBREVIATIONS):
@@ -318,6 +398,8 @@ def _fix_tag(word: str, tag: str) -> str:
     rest = word[digits:]
     if 0 < digits and rest.isalpha():
         return "NOUN" if len(rest) >= 3 else "NUM"
+    if any(c.isdigit() for c in word) and sum(c.isalpha() for c in word) < 3:
+        return "NUM"  # camera settings and weights: "f/1.8", "16:9", ":1.3"
     return tag
 
 
@@ -326,18 +408,26 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     """Fix the tagger's commonest misreadings of prompt fragments, where the grammar depends on them.
 
     Prompts are noun phrases without a sentence around them, unlike the treebank. In order:
-    multi-word prepositions ("left of") and spatial words before a determiner ("below a") are
-    prepositions; a colour, material or size word before a noun is an adjective ("a pink
-    cake"). Then nouns: a word that ends a noun phrase right after its determiner is its noun
-    ("a photo of an orange", "a tie"), and a noun between a noun and a determiner is a verb
-    ("a child draws a flower"); a verb between a determiner and a noun is a noun
-    modifier ("a stop sign"), unless a participle ("a running dog"); a verb after a noun is a
-    noun only when the training data mostly saw the word as one (``noun_reading``), so "a cat
-    sat on a mat" keeps its verb.
+    number words are counts ("Seven women"); multi-word prepositions ("left of") and spatial
+    words before a determiner ("below a") are prepositions; listed compounds are nouns; a past
+    tense or participle right after a noun is its verb, not the head of a compound ("a key
+    hidden by a girl", "six fish swam"), and so is "can" when no verb follows it ("a paint can"
+    is a noun); a colour, material, size or shape word before a noun is an adjective ("a pink
+    cake", "a teardrop plum"). Then nouns: the last word of a noun phrase after its
+    determiner and adjectives is its noun ("a photo of an orange", "a red sphere on top of"),
+    and a noun between a noun and a determiner is a verb ("a child draws a flower"); a verb
+    between a determiner (or a segment's start) and a noun is a noun modifier ("a stop sign"),
+    unless a participle ("a running dog"); a verb ending a noun phrase after a noun is a noun
+    when the training data mostly saw the word as one (``noun_reading``) or the word before is
+    an attribute ("a blue sled"), so "a cat sat on a mat" keeps its verb. Attributes are
+    looked at once more after the nouns are settled ("rubber gloves").
     """
     tags = list(tags)
     n = len(words)
     lower = [w.lower() for w in words]
+    for i, low in enumerate(lower):
+        if low in _NUMBER_WORDS and tags[i] in ("NOUN", "PROPN", "ADJ", "X"):
+            tags[i] = "NUM"
     for start, end in _complex_prepositions(lower):
         tags[start:end] = ["ADP"] * (end - start)
     listed: set[int] = set()  # words of listed compounds keep their NOUN
@@ -348,36 +438,87 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     def at(i: int) -> str | None:
         return tags[i] if 0 <= i < n else None
 
+    def np_start(i: int) -> bool:
+        """Whether only adjectives stand between word i and a determiner, a count or the start."""
+        j = i - 1
+        while j >= 0 and tags[j] == "ADJ":
+            j -= 1
+        return j < 0 or tags[j] in ("DET", "NUM") or tags[j] == "PUNCT" and words[j] in _SEPARATORS
+
+    def attributes() -> None:
+        for i, low in enumerate(lower):
+            if low in _ATTRIBUTE_WORDS and i not in listed and tags[i] in ("NOUN", "PROPN", "VERB") and (
+                    at(i + 1) in NOUN_TAGS or at(i + 1) == "ADJ" and at(i + 2) in NOUN_TAGS):
+                tags[i] = "ADJ"
+
     for i, low in enumerate(lower):
         if (low in _SPATIAL_WORDS and tags[i] in ("ADV", "ADJ", "NOUN", "PROPN", "SCONJ", "VERB")
                 and at(i + 1) in ("DET", "NUM", "ADJ", "PRON", *NOUN_TAGS)
                 and at(i - 1) not in ("DET", "ADJ", "ADV")):
             tags[i] = "ADP"
-        elif low in _ATTRIBUTE_WORDS and i not in listed and tags[i] in ("NOUN", "PROPN", "VERB") and (
-                at(i + 1) in NOUN_TAGS or at(i + 1) == "ADJ" and at(i + 2) in NOUN_TAGS):
-            tags[i] = "ADJ"
+        elif (i not in listed and tags[i] in ("NOUN", "PROPN", "ADJ")
+              and (at(i - 1) in NOUN_TAGS or at(i - 1) == "ADJ" and i > 1 and np_start(i - 1))
+              and (_past_form(words[i], noun_reading) or _participle(words[i], noun_reading)
+                   and at(i - 1) in NOUN_TAGS
+                   and at(i + 1) in ("ADP", "DET", "CCONJ", "PUNCT", "ADV", None))):
+            tags[i] = "VERB"
+        elif (low == "can" and tags[i] in ("AUX", "VERB") and at(i - 1) in ("DET", "ADJ", *NOUN_TAGS)
+              and at(i + 1) not in ("VERB", "AUX", "ADV", "PART", "PRON")):
+            tags[i] = "NOUN"
+    attributes()
     for i, low in enumerate(lower):
         # "red and blue car", "red, shiny apple": the noun phrase goes on after the link
         continues = at(i + 1) in ("CCONJ", "PUNCT") and at(i + 2) in ("ADJ", "ADV", "VERB", *NOUN_TAGS)
         ends_np = at(i + 1) in _NP_END and not continues
-        if tags[i] == "ADJ" and at(i - 1) in ("DET", "NUM") and ends_np:
-            tags[i] = "NOUN"
+        after_attribute = lower[i - 1] in _ATTRIBUTE_WORDS and i > 1 and np_start(i - 1)
+        if tags[i] in ("ADJ", "ADV") and ends_np and i > 0 and tags[i - 1] != "PUNCT" and (
+                np_start(i) and (tags[i] == "ADJ" or at(i - 1) in ("DET", "NUM", "ADJ"))
+                or after_attribute and at(i - 1) in ("ADJ", *NOUN_TAGS)):
+            tags[i] = "NOUN"  # "a photo of an orange", "a blue sphere" at a noun phrase's end
         elif tags[i] == "NOUN" and at(i - 1) in NOUN_TAGS and at(i + 1) == "DET":
             tags[i] = "VERB"  # "a child draws a flower": a noun run never runs into a determiner
-        elif tags[i] == "VERB" and not low.endswith(("ing", "ed")):
-            modifier = at(i - 1) in ("DET", "NUM", "ADJ") and (ends_np or at(i + 1) in NOUN_TAGS)
-            head = (at(i - 1) in NOUN_TAGS and at(i - 2) in ("DET", "NUM", "ADJ") and ends_np
-                    and noun_reading is not None and noun_reading(words[i]))
+        elif tags[i] == "VERB" and not low.endswith("ing") and not _past_form(words[i], noun_reading):
+            modifier = np_start(i) and (ends_np and i > 0 or at(i + 1) in NOUN_TAGS)
+            head = (at(i - 1) in NOUN_TAGS and np_start(i - 1) and ends_np
+                    and (noun_reading is not None and noun_reading(words[i])
+                         or lower[i - 1] in _ATTRIBUTE_WORDS))
             if modifier or head:
                 tags[i] = "NOUN"
+    attributes()
     return tags
+
+
+def _participle(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
+    """An "-ing" form the tagger's data did not see mostly as a noun ("a cat sleeping"; not
+    "a wedding", "a building"). Without that data no "-ing" word is taken for a verb here."""
+    low = word.lower()
+    return (len(low) >= 6 and low.endswith("ing") and noun_reading is not None
+            and not noun_reading(word))
+
+
+def _past_form(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
+    """A verb form that never heads a compound: a listed past tense, participle or present form
+    ("hidden", "swam", "sits"), or a regular "-ed" form the tagger's data did not see mostly as a
+    noun ("bed", "shed" and "steed" are no verbs)."""
+    low = word.lower()
+    if low in _PAST_FORMS or low in _PRESENT_FORMS:
+        return True
+    regular = len(low) >= 5 and low.endswith("ed") and not low.endswith("eed")
+    return regular and (noun_reading is None or not noun_reading(word))
 
 
 @functools.cache
 def _compound_lexicon() -> frozenset[tuple[str, ...]]:
-    text = (resources.files("grefine_hooks") / "data" / COMPOUNDS_FILE).read_text(encoding="utf-8")
-    return frozenset(tuple(line.split()) for line in text.splitlines()
-                     if line.strip() and not line.startswith("#"))
+    """The hand-written compounds, and the multi-word names of public object vocabularies less
+    those led by an attribute word ("brown bear") or naming a category ("salt and pepper shakers")."""
+    def read(name: str) -> set[tuple[str, ...]]:
+        text = (resources.files("grefine_hooks") / "data" / name).read_text(encoding="utf-8")
+        return {tuple(line.split()) for line in text.splitlines()
+                if line.strip() and not line.startswith("#")}
+
+    vocabulary = {e for e in read(VOCABULARY_FILE) if 2 <= len(e) <= 4
+                  and e[0] not in _ATTRIBUTE_WORDS and not {"and", "&", "of"} & set(e)}
+    return frozenset(read(COMPOUNDS_FILE) | vocabulary)
 
 
 def _lexical_compounds(lower: Sequence[str]) -> list[tuple[int, int]]:
@@ -402,21 +543,39 @@ def _lexical_compounds(lower: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def _frame_length(tokens: Sequence[_Token], piece: list[int]) -> int:
-    """How many leading words of a segment name the medium ("a photo of", "an oil painting of")."""
+    """How many leading words of a segment frame its objects: the medium ("a photo of", "an oil
+    painting of") or an existential "there is" ("there are two cats on a bed")."""
+    lower = [tokens[i].text.lower() for i in piece[:3]]
+    if len(piece) > 2 and lower[0] == "there" and lower[1] in _EXISTENTIAL_BE:
+        return 2
     for k in range(1, min(len(piece) - 1, _MAX_FRAME_WORDS)):
         tok = tokens[piece[k]]
-        if tok.tag == "ADP" and tok.text.lower() != "of" or tok.tag == "PUNCT":
-            return 0
+        close_up = tok.text.lower() == "up" and tokens[piece[k - 1]].text.lower() == "close"
+        if (tok.tag == "ADP" and tok.text.lower() != "of" and not close_up
+                or tok.tag in ("PUNCT", "DET", "PRON")):
+            return 0  # one noun phrase names the medium: "a robot painting a portrait of" does not
         if tok.text.lower() == "of":
             before = [tokens[i].text.lower() for i in piece[:k]]
-            medium = before[-1] in _MEDIA or before[-2:] == ["close", "up"]
+            medium = before[-1] in _MEDIA or before[-2:] in (["close", "up"], ["still", "life"])
             return k + 1 if medium else 0
     return 0
 
 
-def _only_media(tokens: Sequence[_Token], piece: list[int]) -> bool:
-    nouns = [tokens[i].text.lower() for i in piece if tokens[i].tag in NOUN_TAGS]
-    return bool(nouns) and all(noun in _MEDIA for noun in nouns)
+def _style_segment(tokens: Sequence[_Token], piece: list[int]) -> bool:
+    """A comma segment that names no depicted object: an artist or style credit ("by greg
+    rutkowski", "in the style of van gogh"), or nouns of media and style only, heads of their
+    noun runs ("digital art", "oil painting", "studio lighting", "8k uhd"), with no determiner
+    or count that would make one of them an object ("a painting, a vase and a frame")."""
+    lower = [tokens[i].text.lower() for i in piece]
+    for credit in _CREDITS:
+        if tuple(lower[: len(credit)]) == credit and len(lower) > len(credit):
+            # a bare "by" before a determiner is a place ("by the window"), not a credit
+            return credit != ("by",) or tokens[piece[1]].tag not in ("DET", "NUM")
+    if tokens[piece[0]].tag in ("DET", "NUM"):
+        return False
+    heads = [lower[k] for k, i in enumerate(piece) if tokens[i].tag in NOUN_TAGS
+             and (k + 1 == len(piece) or tokens[piece[k + 1]].tag not in NOUN_TAGS)]
+    return bool(heads) and all(head in _MEDIA or head in _STYLE_NOUNS for head in heads)
 
 
 def _chunk_tags(tokens: Sequence[_Token]) -> list[str]:
@@ -490,11 +649,17 @@ def _index_tree(prompt: str, tokens: Sequence[_Token]) -> Tree:
         if isinstance(piece, int):
             children.append(piece)
             continue
-        # framing words ("a photo of") are leaves of the root: they join no phrase
+        mark = children[-1] if children and isinstance(children[-1], int) else None
+        parameter = (mark is not None and tokens[mark].text == _PARAMETER_MARK
+                     and tokens[mark].end == tokens[piece[0]].start)  # "--ar 16:9", not "-- a dog"
+        if parameter or _style_segment(tokens, piece):  # "in the style of van gogh"
+            children += piece
+            continue
+        # framing words ("a photo of", "there is") are leaves of the root: they join no phrase
         while (frame := _frame_length(tokens, piece)):
             children += piece[:frame]
             piece = piece[frame:]
-        if _only_media(tokens, piece):  # a style segment ("digital art", "oil painting")
+        if _style_segment(tokens, piece):  # "digital art", "by greg rutkowski"
             children += piece
             continue
         chunked = _CHUNKER.parse(Tree("SEG", [(str(i), tags[i]) for i in piece]))

@@ -5,7 +5,10 @@ Three measures, each a fraction of the labels of its kind:
 
 * **object recall**: a labelled object is found when some phrase's noun is the object as a whole
   (a compound such as "stop sign" included), up to a plural "s"/"es" on either side;
-* **attribute binding**: the attribute word is in its object's phrase and in no other phrase;
+* **attribute binding**: the attribute word is in its object's phrase and in no phrase of an
+  object it is not labelled for (a word labelled for two objects, "two bees, two vases", may be
+  in both of their phrases; an occurrence that no label speaks for, "a black and green tile
+  bathroom with a black toilet", may be anywhere);
 * **relation attachment**: for "A <rel> B", B's phrase has A's phrase as its ancestor.
 
 A label whose object is not found counts as a miss for binding and relations too.
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEV_SET = Path(__file__).resolve().parent / "t2i_dev.jsonl"
+HELDOUT_SET = Path(__file__).resolve().parent / "t2i_heldout.jsonl"
+SEALED_SET = Path(__file__).resolve().parent / "t2i_sealed.jsonl"
 
 
 def load(path: Path = DEV_SET) -> list[dict]:
@@ -70,8 +75,11 @@ def score(items: Sequence[dict], parse: Callable[[str], Sequence]) -> Tally:
             tally.add("objects", find(phrases, obj) is not None, it["prompt"], obj)
         for attr, obj in it["attributes"]:
             j = find(phrases, obj)
-            ok = j is not None and attr in _words(phrases[j].text) and not any(
-                attr in _words(p.text) for k, p in enumerate(phrases) if k != j)
+            owners = {find(phrases, o) for a, o in it["attributes"] if a == attr}
+            # occurrences of the word that no label speaks for may sit in any phrase
+            spare = _words(it["prompt"]).count(attr) - sum(a == attr for a, _ in it["attributes"])
+            strays = sum(_words(p.text).count(attr) for k, p in enumerate(phrases) if k not in owners)
+            ok = j is not None and attr in _words(phrases[j].text) and strays <= max(spare, 0)
             tally.add("binding", ok, it["prompt"], f"{attr} -> {obj}")
         for subject, rel, obj in it["relations"]:
             i, j = find(phrases, subject), find(phrases, obj)
