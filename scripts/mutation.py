@@ -54,7 +54,7 @@ def prepare(name: str, group: dict) -> Path:
         'source_paths = ["grefine_hooks"]\n'
         f"only_mutate = {_toml_list(group['only_mutate'])}\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(group['tests'])}\n"
-        'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]\n'
+        f'pytest_add_cli_args = {_toml_list(["-q", "-p", "no:cacheprovider", *group.get("pytest_args", [])])}\n'
     )
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + settings)
     return work
