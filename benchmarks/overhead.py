@@ -73,6 +73,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from diffusers.image_processor import VaeImageProcessor
 
 from grefine_hooks import RefinePolicy, wrap
+from grefine_hooks.testing import latent_capture
 from grefine_hooks.refine.backends import StageRequest, backend_for
 from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner, scheduled_steps
 
@@ -314,19 +315,7 @@ class BatchBench:
         self.steps = steps
         pipe, args = bench.pipe, bench.args
         self.kwargs = call_kwargs(bench.family, args.size, steps)
-        captured: dict[str, Any] = {}
-
-        def keep(name: str) -> Any:
-            def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                captured[name] = tensors["latents"]
-                return {}
-            return step_end
-
-        extra = {"callback_on_step_end": keep("latents")}
-        if bench.family == "cascade":
-            extra["prior_callback_on_step_end"] = keep("prior")
-        elif bench.family.startswith("pixart"):  # PixArt has only the legacy callback
-            extra = {"callback": lambda step, timestep, latents: captured.__setitem__("latents", latents)}
+        extra, captured = latent_capture(bench.family)
         self.seeds = [args.seed + 100 + k for k in range(BATCH)]
         images = pipe([args.prompt] * BATCH, generator=[bench.generator(s) for s in self.seeds], output_type="pt",
                       **self.kwargs, **extra).images.float()

@@ -16,7 +16,7 @@ from grefine_hooks import RefinePolicy, wrap
 from grefine_hooks.refine.backends import backend_for
 from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner
 from grefine_hooks.scoring.scorer import QualityReport
-from grefine_hooks.testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+from grefine_hooks.testing import FAMILIES, latent_capture, tiny_call_kwargs, tiny_pipeline
 
 PROMPTS = ["a red book on a table", "a cat on a sofa", "a blue vase"]
 SEEDS = [11, 12, 13]
@@ -38,20 +38,7 @@ def generated(request):
     family = request.param
     pipe = tiny_pipeline(family, seed=0)
     pipe.set_progress_bar_config(disable=True)
-    captured = {}
-
-    def keep(name):
-        def step_end(pipeline, step, timestep, tensors):
-            captured[name] = tensors["latents"]
-            return {}
-        return step_end
-
-    if family.startswith("pixart"):
-        extra = {"callback": lambda step, timestep, latents: captured.__setitem__("latents", latents)}
-    else:
-        extra = {"callback_on_step_end": keep("latents")}
-    if family == "cascade":
-        extra["prior_callback_on_step_end"] = keep("prior")
+    extra, captured = latent_capture(family)
     images = pipe(PROMPTS, generator=_generators(), output_type="pt", **tiny_call_kwargs(family, 4), **extra).images
     extras = [{"image_embeddings": captured["prior"][i]} if family == "cascade" else {} for i in range(len(PROMPTS))]
     return family, pipe, images.float(), captured["latents"], extras

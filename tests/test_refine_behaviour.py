@@ -27,7 +27,7 @@ from grefine_hooks.refine.backends import backend_for
 from grefine_hooks.refine.masks import composite, latent_weight
 from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner
 from grefine_hooks.scoring.scorer import QualityReport
-from grefine_hooks.testing import tiny_call_kwargs, tiny_pipeline
+from grefine_hooks.testing import latent_capture, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a red book on a table"
 EMPHASISED = PROMPT + ", a red book"
@@ -48,13 +48,8 @@ def sd15():
 @pytest.fixture(scope="module")
 def generated(sd15):
     """The generated image ``(3, H, W)`` and the UNet's final latents of it ``(4, h, w)``."""
-    captured = {}
-
-    def keep(pipe, step, timestep, tensors):
-        captured["latents"] = tensors["latents"]
-        return {}
-
-    output = sd15(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt", callback_on_step_end=keep,
+    capture, captured = latent_capture("sd15")
+    output = sd15(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt", **capture,
                   **tiny_call_kwargs("sd15", 4))
     return output.images[0].float(), captured["latents"][0]
 

@@ -25,7 +25,7 @@ from grefine_hooks.refine.backends import (
 from grefine_hooks.refine.masks import dilate, latent_mask
 from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner
 from grefine_hooks.scoring.scorer import QualityReport
-from grefine_hooks.testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+from grefine_hooks.testing import FAMILIES, latent_capture, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a red book on a table"
 
@@ -37,25 +37,12 @@ def generated(request):
     family = request.param
     pipe = tiny_pipeline(family, seed=0)
     pipe.set_progress_bar_config(disable=True)
-    captured = {}
-
-    def keep(name):
-        def step_end(pipeline, step, timestep, tensors):
-            captured[name] = tensors["latents"][0]
-            return {}
-        return step_end
-
-    if family.startswith("pixart"):  # only the legacy (step, timestep, latents) callback
-        extra_args = {"callback": lambda step, timestep, latents: captured.__setitem__("latents", latents[0])}
-    else:
-        extra_args = {"callback_on_step_end": keep("latents")}
-    if family == "cascade":
-        extra_args["prior_callback_on_step_end"] = keep("image_embeddings")
+    extra_args, captured = latent_capture(family)
     image = pipe(
         PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt", **tiny_call_kwargs(family, 4), **extra_args
     ).images[0].float()
-    extras = {"image_embeddings": captured["image_embeddings"]} if family == "cascade" else {}
-    return family, pipe, image, captured["latents"], extras
+    extras = {"image_embeddings": captured["prior"][0]} if family == "cascade" else {}
+    return family, pipe, image, captured["latents"][0], extras
 
 
 def _request(image, extras, strength=0.6, steps=4, seed=1, mask=None, latents=None, decode=True):

@@ -12,6 +12,15 @@ code path as ViT-B-16.
 """
 
 from .clip import TINY_CLIP_NAME, is_tiny_clip, save_tiny_clip, tiny_clip
-from .pipelines import FAMILIES, tiny_call_kwargs, tiny_pipeline
+from .pipelines import FAMILIES, latent_capture, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "TINY_CLIP_NAME", "is_tiny_clip", "save_tiny_clip", "tiny_call_kwargs", "tiny_clip", "tiny_pipeline"]
+__all__ = [
+    "FAMILIES",
+    "TINY_CLIP_NAME",
+    "is_tiny_clip",
+    "latent_capture",
+    "save_tiny_clip",
+    "tiny_call_kwargs",
+    "tiny_clip",
+    "tiny_pipeline",
+]

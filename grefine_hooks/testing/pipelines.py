@@ -359,3 +359,34 @@ def tiny_call_kwargs(family: str, steps: int = 2) -> dict[str, Any]:
     if family.startswith("pixart"):
         kwargs["use_resolution_binning"] = False
     return kwargs
+
+
+def latent_capture(family: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Call arguments that keep a generation's final latents, and the dict they fill.
+
+    After the call, ``captured["latents"]`` holds the denoiser's final latents (what the pipeline
+    decodes, what refinement starts from) and, for Stable Cascade, ``captured["prior"]`` the
+    prior's output (the decoder's image embeddings): the step-end callbacks the refined pipelines
+    observe, PixArt's legacy ``callback`` included.
+
+    >>> arguments, captured = latent_capture("sd15")
+    >>> image = tiny_pipeline("sd15")("a red book", **arguments, **tiny_call_kwargs("sd15")).images[0]
+    >>> captured["latents"].shape
+    torch.Size([1, 4, 32, 32])
+    """
+    _check_family(family)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            captured[name] = tensors["latents"]
+            return {}
+
+        return step_end
+
+    if family.startswith("pixart"):  # only the legacy (step, timestep, latents) callback
+        return {"callback": lambda step, timestep, latents: captured.__setitem__("latents", latents)}, captured
+    arguments = {"callback_on_step_end": keep("latents")}
+    if family == "cascade":
+        arguments["prior_callback_on_step_end"] = keep("prior")
+    return arguments, captured
