@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -216,3 +218,42 @@ def test_one_generator_for_the_whole_call_stays_reproducible(scorer):
     first, again, other = run(5), run(5), run(6)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+
+class Timed:
+    """Wraps a method on an instance to add up the wall seconds of its calls, by a label the call gives."""
+
+    def __init__(self, owner, method, label, monkeypatch):
+        self.seconds = {}
+        original = getattr(owner, method)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            key = label(*args, **kwargs)
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+            return result
+
+        monkeypatch.setattr(owner, method, timed)
+
+
+@torch.no_grad()
+def test_a_batched_calls_time_is_shared_by_its_images(scorer, monkeypatch):
+    """Each image's ``stage1`` / ``stage2`` / ``rescore`` timing is its share of the batched calls
+    it was in: per stage, the images' timings add up to the time of that stage's calls (images 2
+    and 3 share a stage-1 call, all three share stage 2 and the guard's scorer batch)."""
+    pipe = tiny_pipeline("sd15", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    capture, captured = latent_capture("sd15")
+    images = pipe(PROMPTS, generator=_generators(), output_type="pt", **tiny_call_kwargs("sd15", 4), **capture).images
+    backend = backend_for(pipe)
+    stages = Timed(backend, "run", lambda request: "stage1" if request.masks is not None else "stage2", monkeypatch)
+    guard = Timed(scorer, "score", lambda *args, **kwargs: "rescore", monkeypatch)
+    items = _items(images.float(), captured["latents"], [{}] * len(PROMPTS))
+    outcomes = Refiner(backend, scorer, RefinePolicy()).refine(items, RefineCall(STEPS))
+    measured = {**stages.seconds, **guard.seconds}
+    for stage in ("stage1", "stage2", "rescore"):
+        shares = [outcome.timings[stage] for outcome in outcomes]
+        assert all(share > 0 for share in shares)
+        assert sum(shares) == pytest.approx(measured[stage], rel=0.05, abs=0.01)

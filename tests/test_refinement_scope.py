@@ -149,7 +149,8 @@ def test_stop_before_the_guard_never_returns_an_unguarded_image(scorer):
         output = pipe("a red book", **_kwargs("sd15"), output_type="pt")
     [record] = output.quality
     assert any(stage2_decoded) and counter.calls == full_calls  # both stages ran to the end
-    assert record.decision == "failed" and "before the guard's re-score" in record.reason
+    assert record.decision == "failed"
+    assert record.reason == "refinement interrupted (before the guard's re-score); generated image returned"
     assert record.p_after is None
     assert torch.equal(output.images, generated)
 
