@@ -233,3 +233,47 @@ def test_the_long_prompt_is_over_500_words_and_keeps_its_relations():
     # "on a rocky point" hangs under the lighthouse, as in the short sentence
     points = [p for p in phrases if p.noun == "point"]
     assert all(p.ancestor == "lighthouse" for p in points)
+
+
+# Degenerate long prompts: nltk's chunker once spent over 5 s on the first of these and raised a
+# TimeoutError. The documented cuts (prompt_tree.MAX_WORDS words, within MAX_CHARS characters;
+# segments of at most MAX_SEGMENT_WORDS words) bound the work, so each parses fast.
+DEGENERATE = {
+    "5,000 determiners then a noun": "a " * 5000 + "cat",
+    "repeated determiners around repeated nouns": "a a " + "cat " * 4996 + "a a cat",
+    "5,000 repeated nouns": "cat " * 5000,
+    "100,000 determiners": "the " * 100_000,
+    "one 1,000,000-letter word": "x" * 1_000_000,
+    "3,000 unfinished coordinations": "a red and " * 3000,
+    "5,000 prepositions": "on " * 5000,
+    "3,000 short segments": "a cat, " * 3000,
+}
+
+
+@pytest.mark.parametrize("prompt", DEGENERATE.values(), ids=DEGENERATE.keys())
+def test_degenerate_long_prompts_parse_fast_within_the_documented_cuts(prompt):
+    import time
+
+    parse_prompt("a cat")  # the tagger is loaded
+    started = time.process_time()
+    phrases = parse_prompt(prompt)
+    assert time.process_time() - started < 2.0  # about 0.1-0.3 s of CPU each
+    for j, p in enumerate(phrases):
+        assert p.noun and p.noun in p.text and 0 <= p.start < p.end <= prompt_tree.MAX_WORDS + 1
+        assert p.end - p.start <= prompt_tree.MAX_SEGMENT_WORDS  # no phrase crosses a cut
+        assert p.ancestor_index is None or phrases[p.ancestor_index].noun == p.ancestor
+
+
+def test_words_after_the_thousandth_give_no_phrase():
+    prompt = "a cat on a mat, " * 200 + "a dog"  # 1,200 words before the dog
+    phrases = parse_prompt(prompt)
+    assert phrases and all(p.noun in ("cat", "mat") for p in phrases)
+    assert max(p.end for p in phrases) <= prompt_tree.MAX_WORDS
+    assert all("cat" not in p.noun for p in parse_prompt("a " * 5000 + "cat"))  # word 5,001
+
+
+def test_a_long_segment_is_cut_as_at_a_line_break():
+    words = ["a", "red", "cat", "on", "a", "mat"] * 40  # 240 words, no comma
+    cut = prompt_tree.MAX_SEGMENT_WORDS
+    joined = triples(" ".join(words))
+    assert joined == triples(" ".join(words[:cut]) + "\n" + " ".join(words[cut:]))

@@ -41,7 +41,8 @@ that contains a noun centre, then take the centre fewest levels below it; on a
 tie take the first centre after the word (prepositions, determiners and verbs
 precede the noun they go with), else the closest one before it. Words never
 join a noun in another comma segment, so a segment without a noun ("highly
-detailed") gives no phrase. Conjunctions and punctuation that link constituents
+detailed") gives no phrase. Very long prompts are cut (:data:`MAX_WORDS`, :data:`MAX_SEGMENT_WORDS`),
+so no text makes the chunker's regular expressions run away. Conjunctions and punctuation that link constituents
 join no phrase; inside a noun phrase ("a black and white cat") they stay with it.
 """
 
@@ -150,6 +151,16 @@ _MEDIA = frozenset({
     "photorealism", "artstation", "style", "bokeh", "hdr", "cinematic", "anime", "octane",
 })
 _MAX_FRAME_WORDS = 6
+# Long prompts. CLIP's text encoder reads 77 tokens (about 60 words) and long-prompt pipelines a
+# few times that, so a prompt is read up to its MAX_WORDS-th word and the words after it give no
+# phrase; the text is cut at MAX_CHARS characters before it is split into words. The chunk
+# grammar's regular expressions take time quadratic in a segment's length (nltk stops one after
+# 5 s with a TimeoutError: "a a ... a cat" of 5,000 words did), so a run of MAX_SEGMENT_WORDS
+# words without a comma or full stop ends its segment as a line break does. No prompt of the
+# labelled sets has a segment of even 32 words.
+MAX_WORDS = 1000
+MAX_CHARS = 50 * MAX_WORDS
+MAX_SEGMENT_WORDS = 128
 _EXISTENTIAL_BE = frozenset({"is", "are", "was", "were", "'s", "be", "stands", "sits", "lies"})
 # Titles whose full stop belongs to the word: "Mr. Smith" is one name, not two sentences.
 _ABBREVIATIONS = frozenset({
@@ -368,13 +379,16 @@ def _tokens(prompt: str, tagger: UposTagger | None) -> list[_Token]:
 
 
 def _spans(prompt: str) -> list[tuple[int, int]]:
-    """Token character spans, with full stops inside the prompt split off.
+    """Token character spans, with full stops inside the prompt split off; at most MAX_WORDS
+    of them (MAX_WORDS + 1 when the last word's full stop is split off), within MAX_CHARS.
 
     The treebank tokenizer expects one sentence and splits only the final full
     stop, so "a tree. a house" would otherwise keep "tree." as one word.
     """
     spans: list[tuple[int, int]] = []
-    for start, end in _TOKENIZER.span_tokenize(prompt):
+    for start, end in _TOKENIZER.span_tokenize(prompt[:MAX_CHARS]):
+        if len(spans) >= MAX_WORDS:
+            break  # the rest of a very long prompt gives no phrase
         if not prompt[start:end].strip(_BRACKETS):
             continue  # emphasis brackets are no words: "(a red fox) in a [forest]"
         weight = _WEIGHT.search(prompt, start, end)
@@ -609,7 +623,8 @@ def _complex_prepositions(lower: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def _segments(tokens: Sequence[_Token], gaps: Sequence[str]) -> list[list[int] | int]:
-    """Split at commas, full stops and line breaks; a separator stays a bare token index.
+    """Split at commas, full stops and line breaks, and after MAX_SEGMENT_WORDS words without one;
+    a separator stays a bare token index.
 
     ``gaps[i]`` is the prompt text just before token i. A segment that has no noun
     and starts with a determiner ("a red, shiny apple") is an unfinished noun
@@ -620,7 +635,7 @@ def _segments(tokens: Sequence[_Token], gaps: Sequence[str]) -> list[list[int] |
     for i, tok in enumerate(tokens):
         separator = (tok.tag == "PUNCT" and tok.text in _SEPARATORS
                      and not _unfinished(tokens, current))
-        if current and (separator or "\n" in gaps[i]):
+        if current and (separator or "\n" in gaps[i] or len(current) == MAX_SEGMENT_WORDS):
             pieces.append(current)
             current = []
         if separator:
@@ -848,7 +863,12 @@ def parse_prompt(prompt: str, tagger: UposTagger | None = None) -> list[Phrase]:
         tagger (`UposTagger`, *optional*): defaults to `load_tagger("ud-ewt")`.
 
     Returns `list[Phrase]` in the order of their nouns in the prompt; `[]` when the
-    prompt has no noun (or is empty), and the scorer then uses the whole prompt.
+    prompt has no noun (or is empty), and the scorer then uses the whole prompt. Any text
+    parses without an exception and in bounded time: a prompt is read up to its 1,000th word
+    (`MAX_WORDS`, within its first 50,000 characters; the words after it give no phrase), and a
+    run of 128 words without a comma or full stop (`MAX_SEGMENT_WORDS`) ends a segment as a
+    line break does. Text in other languages and scripts is tagged as English would be: it
+    gives the phrases the tagger finds nouns for, often none.
     Raises `TypeError` if `prompt` is not a `str`.
 
     >>> [(p.noun, p.text, p.ancestor) for p in parse_prompt("a cup on a table in a kitchen")]
