@@ -110,7 +110,7 @@ def test_batched_refinement_equals_one_by_one(generated, stage2_strength, monkey
 @torch.no_grad()
 def test_images_keep_their_own_generator_prompt_and_mask_in_a_batch(generated):
     """Swapping two images' generators (or giving one another's prompt) changes only that image."""
-    family, pipe, images, latents, extras = generated
+    _family, pipe, images, latents, extras = generated
     refiner = Refiner(backend_for(pipe), None, RefinePolicy(guard=False))
     reference = refiner.refine(_items(images, latents, extras), RefineCall(STEPS))
     items = _items(images, latents, extras)
@@ -192,7 +192,7 @@ def test_each_distinct_prompt_is_encoded_once_per_call(scorer, family, monkeypat
 def test_latents_fit_only_latents_of_the_image(generated):
     """Captured latents of an image fit it; other sizes, channel counts and packed latents do not
     (those images are refined from their pixels)."""
-    family, pipe, images, latents, extras = generated
+    _family, pipe, images, latents, _extras = generated
     backend = backend_for(pipe)
     size = tuple(images.shape[-2:])
     assert backend.latents_fit(latents[0], size)

@@ -79,7 +79,7 @@ def _report(image, mask):
 @pytest.mark.parametrize("from_latents", [True, False])
 @torch.no_grad()
 def test_stage1_repaints_inside_and_keeps_every_pixel_outside(generated, from_latents):
-    family, pipe, image, latents, extras = generated
+    _family, pipe, image, latents, extras = generated
     # Strength 0.9 (3 of 4 scheduled steps): from latents the tiny denoisers change little at low
     # strengths (0.002-0.004 of the range inside at 0.6 for PixArt and Cascade), with no VAE round
     # trip to add to it.
@@ -106,7 +106,7 @@ def test_stage1_repaints_inside_and_keeps_every_pixel_outside(generated, from_la
 def test_stage1_from_latents_keeps_every_latent_outside_the_mask(generated):
     """From the denoiser's latents, stage 1 returns latents (no decode) that equal the generated
     ones bit for bit wherever no masked pixel lies under a latent cell, and differ inside."""
-    family, pipe, image, latents, extras = generated
+    _family, pipe, image, latents, extras = generated
     mask = _square_mask(image)
     refined = backend_for(pipe).run(_request(image, extras, mask=mask, latents=latents, decode=False))[0]
     assert refined.shape == latents.shape
@@ -121,7 +121,7 @@ def test_stage1_raw_output_outside_the_mask_is_the_vae_round_trip(generated):
     returns the autoencoder's reconstruction of the original. Measured on these models: SD 1.5 0.029,
     SDXL 0.025, PixArt 0.071 (its VAE decoder's attention spreads the repainted latents), Cascade
     < 1e-8, against round-trip errors of 0.17-0.51."""
-    family, pipe, image, latents, extras = generated
+    _family, pipe, image, _latents, extras = generated
     mask = _square_mask(image)
     raw = backend_for(pipe).run(_request(image, extras, mask=mask))[0]
     round_trip = _round_trip(pipe, image)
@@ -139,7 +139,7 @@ def test_stage2_changes_the_image_mildly(generated):
 
     Measured against the autoencoder round trip (what a no-op pass returns): SD 1.5 0.087 vs 0.168,
     SDXL 0.014 vs 0.182, PixArt 0.073 vs 0.168, Cascade 0.004 vs 0.506."""
-    family, pipe, image, latents, extras = generated
+    _family, pipe, image, _latents, extras = generated
     backend = backend_for(pipe)
     round_trip = _round_trip(pipe, image)
     mild = backend.run(_request(image, extras, strength=0.15, steps=7))[0]
@@ -153,7 +153,7 @@ def test_stage2_changes_the_image_mildly(generated):
 @torch.no_grad()
 def test_stage2_from_latents_decodes_to_the_image_size_and_stays_mild(generated):
     """From latents, a 0.15-strength pass moves the generated image far less than a full one."""
-    family, pipe, image, latents, extras = generated
+    _family, pipe, image, latents, extras = generated
     backend = backend_for(pipe)
     mild = backend.run(_request(image, extras, strength=0.15, steps=7, latents=latents))[0]
     full = backend.run(_request(image, extras, strength=1.0, steps=4, latents=latents))[0]
@@ -165,7 +165,7 @@ def test_stage2_from_latents_decodes_to_the_image_size_and_stays_mild(generated)
 @pytest.mark.parametrize("from_latents", [True, False])
 @torch.no_grad()
 def test_same_generator_seed_same_refinement(generated, from_latents):
-    family, pipe, image, latents, extras = generated
+    _family, pipe, image, latents, extras = generated
     mask = _square_mask(image)
     backend = backend_for(pipe)
     start = latents if from_latents else None
@@ -195,7 +195,7 @@ class _RecordingCascade(CascadeDenoiser):
 @torch.no_grad()
 def test_latent_loop_reimposes_the_unmasked_latents_exactly(generated):
     """From pixels: the loop's final latents equal the encoded image's outside the mask."""
-    family, pipe, image, latents, extras = generated
+    family, pipe, image, _latents, extras = generated
     if family not in ("pixart-alpha", "pixart-sigma", "cascade"):
         pytest.skip("diffusers' own inpaint pipeline does the blending for this family")
     recorder = _RecordingCascade if family == "cascade" else _RecordingPixArt
@@ -212,7 +212,7 @@ def test_latent_loop_reimposes_the_unmasked_latents_exactly(generated):
 
 
 def test_backends_reuse_the_pipelines_own_modules(generated):
-    family, pipe, image, latents, extras = generated
+    _family, pipe, _image, _latents, _extras = generated
     backend = backend_for(pipe)
     assert backend.pipe is pipe
     if isinstance(backend, DiffusersBackend):
