@@ -82,6 +82,8 @@ def masked_latent_denoise(
     mask = torch.ones(1, 1, *original.shape[-2:]) if masks is None else latent_mask(masks, tuple(original.shape[-2:]))
     mask = mask.to(device=original.device, dtype=original.dtype)
     timesteps = denoiser.timesteps(scheduler, num_inference_steps, strength)
+    if len(timesteps) == 0:  # as diffusers' image-to-image refuses it, rather than a shape error later
+        raise ValueError(f"strength {strength} of {num_inference_steps} num_inference_steps schedules no step")
     noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
     latents = scheduler.add_noise(original, noise, timesteps[:1])
 

@@ -1,0 +1,239 @@
+"""The latent-loop families' denoisers (PixArt, Stable Cascade) against diffusers' own conventions.
+
+The stage tests check what a refinement does to an image; these pin the pieces each family's
+denoiser re-implements from its diffusers pipeline, each against an independent derivation:
+decoding a generation's final latents gives the pipeline's own image, encoding then decoding is
+the autoencoder's own round trip, Stable Cascade's guided prediction is the lerp of two decoder
+calls, and the schedules and working sizes are the documented ones. The autoencoders' latent
+scales are set away from 1 here so that a scale applied the wrong way round cannot cancel out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers.image_processor import VaeImageProcessor
+
+from grefine_hooks.refine.backends import (
+    CascadeDenoiser,
+    LatentLoopBackend,
+    PixArtDenoiser,
+    StageRequest,
+    backend_for,
+)
+from grefine_hooks.testing import latent_capture, tiny_call_kwargs, tiny_pipeline
+
+PROMPT = "a red book on a table"
+LATENT_FAMILIES = ("pixart-alpha", "pixart-sigma", "cascade")
+SCALE = 0.37  # the autoencoder's latent scale in these tests: far from 1
+
+
+@pytest.fixture(scope="module", params=LATENT_FAMILIES)
+def generated(request):
+    """(family, pipeline with a non-1 latent scale, its image (3, H, W), final latents, extras)."""
+    family = request.param
+    pipe = tiny_pipeline(family, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    if family == "cascade":
+        pipe.vqgan.register_to_config(scale_factor=SCALE)
+    else:
+        pipe.vae.register_to_config(scaling_factor=SCALE)
+    arguments, captured = latent_capture(family)
+    with torch.no_grad():
+        image = pipe(
+            PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt", **tiny_call_kwargs(family, 2),
+            **arguments,
+        ).images[0].float()
+    extras = {"image_embeddings": captured["prior"][0]} if family == "cascade" else {}
+    return family, pipe, image, captured["latents"][0], extras
+
+
+def _request(image, extras, **fields) -> StageRequest:
+    values = dict(images=image[None], prompts=[PROMPT], negative_prompts=[None],
+                  generators=[torch.Generator().manual_seed(1)], strength=0.5, num_inference_steps=4,
+                  extras=[extras])
+    return StageRequest(**{**values, **fields})
+
+
+def _denoiser(pipe, request):
+    return backend_for(pipe).denoiser_class(pipe, request)
+
+
+@torch.no_grad()
+def test_decoding_the_final_latents_gives_the_pipelines_own_image(generated):
+    _family, pipe, image, latents, extras = generated
+    decoded = _denoiser(pipe, _request(image, extras)).decode(latents[None])[0]
+    assert decoded.shape == image.shape
+    torch.testing.assert_close(decoded, image, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_encoding_then_decoding_is_the_autoencoders_own_round_trip(generated):
+    """diffusers' conventions, not ours: [0, 1] images normalised to [-1, 1] for a VAE (the mode of
+    its posterior, as image-to-image encodes), raw for Stable Cascade's VQGAN; the latent scale
+    must cancel."""
+    family, pipe, image, _, extras = generated
+    torch.manual_seed(0)
+    pixels = torch.rand(2, *image.shape)
+    denoiser = _denoiser(pipe, _request(pixels[0], extras))
+    if family == "cascade":
+        expected = pipe.vqgan.decode(pipe.vqgan.encode(pixels).latents).sample.clamp(0, 1)
+    else:
+        posterior = pipe.vae.encode(VaeImageProcessor.normalize(pixels)).latent_dist
+        expected = VaeImageProcessor.denormalize(pipe.vae.decode(posterior.mode()).sample)
+    torch.testing.assert_close(denoiser.decode(denoiser.encode(pixels)), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.3), (10, 0.15), (4, 0.6), (3, 0.2), (30, 0.65)])
+def test_the_schedule_runs_int_steps_x_strength_steps_from_strength_down(generated, steps, strength):
+    family, pipe, image, _, extras = generated
+    denoiser = _denoiser(pipe, _request(image, extras))
+    scheduler = denoiser.make_scheduler()
+    timesteps = denoiser.timesteps(scheduler, steps, strength)
+    count = int(steps * strength)
+    if family == "cascade":
+        # time ratios: evenly spaced from ``strength`` towards 0, at least one step, 0 itself excluded
+        assert len(timesteps) == max(1, count)
+        assert timesteps[0].item() == pytest.approx(strength)
+        assert (timesteps > 0).all()
+        gaps = timesteps[:-1] - timesteps[1:]
+        assert torch.allclose(gaps, torch.full_like(gaps, strength / len(timesteps)), atol=1e-6)
+    else:
+        # diffusers' image-to-image schedule: the last int(steps * strength) timesteps of the full one
+        full = pipe.scheduler.from_config(pipe.scheduler.config)
+        full.set_timesteps(steps)
+        assert timesteps.tolist() == full.timesteps[len(full.timesteps) - count :].tolist()
+
+
+@pytest.mark.parametrize("generated", ["cascade"], indirect=True)
+@pytest.mark.parametrize("scale", [1.5, 4.0])
+@torch.no_grad()
+def test_cascade_guided_prediction_is_the_lerp_of_two_decoder_calls(generated, scale):
+    """decoder_guidance_scale > 1: the decoder runs on the prompt with the prior's image embeddings
+    and on the negative prompt with zero embeddings, and the prediction moves from the second
+    towards the first by the scale, as StableCascadeDecoderPipeline does."""
+    _family, pipe, image, latents, extras = generated
+    request = _request(image, extras, negative_prompts=["blurry"], call_kwargs={"decoder_guidance_scale": scale})
+    denoiser = _denoiser(pipe, request)
+    conditioning = denoiser.conditioning(request)
+    ratio = torch.tensor(0.4)
+    predicted = denoiser.predict(latents[None], ratio, conditioning)
+
+    def decoder(prompt: str, effnet: torch.Tensor) -> torch.Tensor:
+        _, pooled, _, _ = pipe.prior_pipe.encode_prompt(
+            device="cpu", batch_size=1, num_images_per_prompt=1, do_classifier_free_guidance=False, prompt=prompt
+        )
+        return pipe.decoder(sample=latents[None], timestep_ratio=ratio[None], clip_text_pooled=pooled,
+                            effnet=effnet, return_dict=False)[0]
+
+    effnet = extras["image_embeddings"][None]
+    cond, uncond = decoder(PROMPT, effnet), decoder("blurry", torch.zeros_like(effnet))
+    assert not torch.allclose(cond, uncond, atol=1e-4)  # the two calls differ, so the lerp is seen
+    torch.testing.assert_close(predicted, uncond + scale * (cond - uncond), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("generated", ["cascade"], indirect=True)
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+@torch.no_grad()
+def test_cascade_at_guidance_up_to_1_runs_the_decoder_once_on_the_prompt(generated, scale):
+    _family, pipe, image, latents, extras = generated
+    request = _request(image, extras, call_kwargs={"decoder_guidance_scale": scale})
+    denoiser = _denoiser(pipe, request)
+    conditioning = denoiser.conditioning(request)
+    assert conditioning["guided"] is False and conditioning["pooled"].shape[0] == 1
+    ratio = torch.tensor(0.4)
+    _, pooled, _, _ = pipe.prior_pipe.encode_prompt(
+        device="cpu", batch_size=1, num_images_per_prompt=1, do_classifier_free_guidance=False, prompt=PROMPT
+    )
+    expected = pipe.decoder(sample=latents[None], timestep_ratio=ratio[None], clip_text_pooled=pooled,
+                            effnet=extras["image_embeddings"][None], return_dict=False)[0]
+    torch.testing.assert_close(denoiser.predict(latents[None], ratio, conditioning), expected)
+
+
+@torch.no_grad()
+def test_the_pixel_path_works_at_the_largest_exact_size_and_returns_the_image_size(generated, monkeypatch):
+    """An image whose sides the family's latents do not tile is encoded at the largest multiple of
+    `size_multiple` below each side, denoised, and resized back to its own size."""
+    _family, pipe, _image, _, extras = generated
+    backend = backend_for(pipe)
+    assert isinstance(backend, LatentLoopBackend)
+    multiple = backend.size_multiple()
+    height, width = 2 * multiple + multiple // 2, 3 * multiple + multiple // 2
+    torch.manual_seed(0)
+    pixels = torch.rand(3, height, width)
+    encoded: list[tuple[int, ...]] = []
+    denoiser_class = backend.denoiser_class
+    original = denoiser_class.encode
+
+    def spy(self, images):
+        encoded.append(tuple(images.shape[-2:]))
+        return original(self, images)
+
+    monkeypatch.setattr(denoiser_class, "encode", spy)
+    refined = backend.run(_request(pixels, extras, strength=0.6, num_inference_steps=4))
+    assert encoded == [(2 * multiple, 3 * multiple)]
+    assert refined.shape == (1, 3, height, width) and torch.isfinite(refined).all()
+
+
+def test_a_stage_that_schedules_no_step_is_refused(generated):
+    """PixArt's image-to-image schedule rounds 2 steps x 0.3 down to none (the refiner never asks
+    for it: `scheduled_steps`); Stable Cascade's time ratios always run at least one step."""
+    family, pipe, image, latents, extras = generated
+    request = _request(image, extras, latents=latents[None], strength=0.3, num_inference_steps=2)
+    if family == "cascade":
+        assert backend_for(pipe).run(request).shape == image[None].shape
+    else:
+        with pytest.raises(ValueError, match="strength 0.3 of 2 num_inference_steps schedules no step"):
+            backend_for(pipe).run(request)
+
+
+def test_the_size_multiple_is_the_smallest_side_the_latents_tile(generated):
+    """One multiple runs; half of it does not give a latent the denoiser can take back to its size."""
+    family, pipe, _image, _, extras = generated
+    backend = backend_for(pipe)
+    multiple = backend.size_multiple()
+    channels, factor = backend.latent_geometry()
+    assert multiple % factor == 0
+
+    def round_trip(side: int) -> tuple[int, ...]:
+        latents = torch.randn(1, channels, side // factor, side // factor)
+        denoiser = _denoiser(pipe, _request(torch.rand(3, side, side), extras))
+        conditioning = denoiser.conditioning(_request(torch.rand(3, side, side), extras))
+        with torch.no_grad():
+            return tuple(denoiser.predict(latents, torch.tensor(0.5) if family == "cascade" else
+                                          torch.tensor(500), conditioning).shape[-2:])
+
+    assert round_trip(multiple) == (multiple // factor,) * 2
+    try:
+        half = round_trip(multiple // 2)
+    except (RuntimeError, ValueError):
+        return  # the denoiser refuses a latent of half the size
+    assert half != (multiple // 2 // factor,) * 2
+
+
+@pytest.mark.parametrize("generated", ["cascade"], indirect=True)
+def test_cascade_refuses_another_scheduler_and_missing_image_embeddings(generated):
+    _family, pipe, image, _, extras = generated
+    with pytest.raises(ValueError, match="the prior's image_embeddings of every generated image"):
+        CascadeDenoiser(pipe, _request(image, {}))  # one image, its extras lack the embeddings
+    with pytest.raises(ValueError, match="the prior's image_embeddings of every generated image"):
+        CascadeDenoiser(pipe, dataclasses.replace(_request(image, extras), extras=[]))  # none for the image
+    original = pipe.scheduler
+    pipe.scheduler = DDPMScheduler()
+    try:
+        with pytest.raises(ValueError, match=r"needs the decoder's DDPMWuerstchenScheduler, got DDPMScheduler$"):
+            CascadeDenoiser(pipe, _request(image, extras))
+    finally:
+        pipe.scheduler = original
+
+
+@pytest.mark.parametrize("generated", ["pixart-alpha", "pixart-sigma"], indirect=True)
+def test_pixart_denoiser_keeps_the_pipelines_guidance_default(generated):
+    _family, pipe, image, _, extras = generated
+    default = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    assert PixArtDenoiser(pipe, _request(image, extras)).guidance_scale == default
+    assert PixArtDenoiser(pipe, _request(image, extras, call_kwargs={"guidance_scale": 7.0})).guidance_scale == 7.0
