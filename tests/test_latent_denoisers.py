@@ -25,7 +25,7 @@ from grefine_hooks.refine.backends import (
     StageRequest,
     backend_for,
 )
-from grefine_hooks.testing import latent_capture, tiny_call_kwargs, tiny_pipeline
+from grefine_hooks.testing import FAMILIES, latent_capture, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a red book on a table"
 LATENT_FAMILIES = ("pixart-alpha", "pixart-sigma", "cascade")
@@ -237,3 +237,36 @@ def test_pixart_denoiser_keeps_the_pipelines_guidance_default(generated):
     default = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
     assert PixArtDenoiser(pipe, _request(image, extras)).guidance_scale == default
     assert PixArtDenoiser(pipe, _request(image, extras, call_kwargs={"guidance_scale": 7.0})).guidance_scale == 7.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("from_latents", [True, False])
+@torch.no_grad()
+def test_a_half_precision_pipeline_refines_in_its_own_dtype(family, from_latents):
+    """A GPU user's float16 pipeline, with bfloat16 standing in on the CPU: the stage feeds its
+    denoiser and autoencoder their own dtype (from float32 images and masks) and returns float32
+    images in [0, 1]."""
+    pipe = tiny_pipeline(family, seed=0).to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    arguments, captured = latent_capture(family)
+    image = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt",
+                 **tiny_call_kwargs(family, 2), **arguments).images[0].float()
+    extras = {"image_embeddings": captured["prior"][0]} if family == "cascade" else {}
+    denoiser = getattr(pipe, "decoder", None) or getattr(pipe, "transformer", None) or pipe.unet
+    seen: list[torch.dtype] = []
+
+    def record_input_dtype(module, args, kwargs):
+        seen.append(next(v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.is_floating_point()).dtype)
+
+    hook = denoiser.register_forward_pre_hook(record_input_dtype, with_kwargs=True)
+    mask = torch.zeros(image.shape[-2:])
+    mask[: image.shape[-2] // 2] = 1
+    request = _request(image, extras, strength=0.6, num_inference_steps=4, masks=mask[None],
+                       latents=captured["latents"][0][None] if from_latents else None)
+    try:
+        refined = backend_for(pipe).run(request)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert refined.dtype == torch.float32 and refined.shape == image[None].shape
+    assert torch.isfinite(refined).all() and refined.min() >= 0 and refined.max() <= 1
