@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PixArtTransformer2DModel,
+    StableDiffusionImg2ImgPipeline,
+)
 from diffusers.image_processor import VaeImageProcessor
 
 from grefine_hooks.refine.backends import (
@@ -270,3 +279,117 @@ def test_a_half_precision_pipeline_refines_in_its_own_dtype(family, from_latents
     assert seen and set(seen) == {torch.bfloat16}
     assert refined.dtype == torch.float32 and refined.shape == image[None].shape
     assert torch.isfinite(refined).all() and refined.min() >= 0 and refined.max() <= 1
+
+
+SCHEDULES = [(steps, strength) for steps in (2, 4, 10, 20) for strength in (0.15, 0.3, 0.35, 0.5, 0.6, 1.0)]
+
+
+def _assert_keys_follow_schedules(runs: dict, across_steps: bool) -> None:
+    """``runs``: {(steps, strength): (schedule key, schedule)}. Equal keys must mean equal schedules
+    (else images share a wrong schedule); equal schedules at the same step count must mean equal
+    keys (else they are split into needless calls), at any step count where the schedule is all a
+    stage depends on (``across_steps``: Stable Cascade's time ratios; a scheduler's step size depends on
+    its step count)."""
+    for a, (key_a, schedule_a) in runs.items():
+        for b, (key_b, schedule_b) in runs.items():
+            if key_a == key_b:
+                assert schedule_a == schedule_b, (a, b)
+            if schedule_a == schedule_b and (across_steps or a[0] == b[0]):
+                assert key_a == key_b, (a, b)
+
+
+def test_equal_schedule_keys_mean_equal_timesteps(generated):
+    """The refiner batches images whose stages have equal `schedule_key`s into one call."""
+    family, pipe, image, _, extras = generated
+    backend = backend_for(pipe)
+    denoiser = _denoiser(pipe, _request(image, extras))
+    runs = {}
+    for steps, strength in SCHEDULES:
+        timesteps = denoiser.timesteps(denoiser.make_scheduler(), steps, strength)
+        runs[steps, strength] = (backend.schedule_key(steps, strength), tuple(timesteps.tolist()))
+    runs = {pair: run for pair, run in runs.items() if run[1]}  # a schedule of no step never runs
+    _assert_keys_follow_schedules(runs, across_steps=family == "cascade")
+
+
+@pytest.mark.parametrize("generated", ["pixart-alpha"], indirect=True)
+@pytest.mark.parametrize("scheduler_class", [DPMSolverMultistepScheduler, HeunDiscreteScheduler, EulerDiscreteScheduler,
+                                             DDIMScheduler])
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.3), (20, 0.65), (4, 0.5)])
+def test_pixart_timesteps_are_diffusers_image_to_image_timesteps(generated, scheduler_class, steps, strength):
+    """Against StableDiffusionImg2ImgPipeline.get_timesteps itself, also for a second-order scheduler
+    (Heun: two timesteps per step) and with the scheduler's begin index set where it has one."""
+    _family, pipe, image, _, extras = generated
+    original = pipe.scheduler
+    pipe.scheduler = scheduler_class.from_config(original.config)
+    try:
+        denoiser = _denoiser(pipe, _request(image, extras))
+        ours = denoiser.make_scheduler()
+        timesteps = denoiser.timesteps(ours, steps, strength)
+        reference = scheduler_class.from_config(original.config)
+        reference.set_timesteps(steps)
+        expected, _ = StableDiffusionImg2ImgPipeline.get_timesteps(
+            SimpleNamespace(scheduler=reference), steps, strength, "cpu"
+        )
+    finally:
+        pipe.scheduler = original
+    assert timesteps.tolist() == expected.tolist()
+    assert getattr(ours, "begin_index", None) == getattr(reference, "begin_index", None)
+
+
+@pytest.mark.parametrize("generated", ["pixart-alpha", "pixart-sigma"], indirect=True)
+@pytest.mark.parametrize(("scale", "guided"), [(1.0, False), (1.5, True), (4.5, True)])
+def test_pixart_guides_above_a_scale_of_1_with_the_negative_rows_first(generated, scale, guided):
+    _family, pipe, image, _, extras = generated
+    request = _request(image, extras, call_kwargs={"guidance_scale": scale})
+    with torch.no_grad():
+        conditioning = _denoiser(pipe, request).conditioning(request)
+        embeds, _, negative, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True, negative_prompt="",
+                                                    clean_caption=False)
+    assert conditioning["guided"] is guided
+    expected = torch.cat([negative, embeds]) if guided else embeds
+    torch.testing.assert_close(conditioning["embeds"], expected)
+
+
+@torch.no_grad()
+def test_pixart_alpha_1024_gets_the_pipelines_resolution_conditioning():
+    """PixArt-alpha's 1024 px transformer (sample_size 128) is conditioned on the image's height and
+    width and their ratio; the stage passes what the pipeline passed for the same image size."""
+    pipe = tiny_pipeline("pixart-alpha", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    # the size embedding splits the width in three: 3 heads of 8 instead of the tiny model's 2
+    config = {**pipe.transformer.config, "sample_size": 128, "num_attention_heads": 3, "cross_attention_dim": 24}
+    pipe.transformer = PixArtTransformer2DModel.from_config(config)
+    seen: list[dict] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]), with_kwargs=True
+    )
+    try:
+        image = pipe(PROMPT, height=64, width=96, num_inference_steps=2, use_resolution_binning=False,
+                     output_type="pt").images[0]
+        generated = seen[-1]
+        request = _request(image, {})
+        stage = _denoiser(pipe, request).conditioning(request)["added"]
+    finally:
+        hook.remove()
+    assert generated["resolution"].tolist()[0] == [64, 96]
+    for name in ("resolution", "aspect_ratio"):
+        torch.testing.assert_close(stage[name], generated[name])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_diffusers_stages_have_equal_keys_exactly_for_equal_schedules(family):
+    """The same rule for the families refined by diffusers' own inpaint / image-to-image pipelines:
+    their schedule is `get_timesteps`'s, and strength 1 also starts from pure noise."""
+    pipe = tiny_pipeline(family, seed=0)
+    backend = backend_for(pipe)
+    runs = {}
+    for steps, strength in SCHEDULES:
+        scheduler = pipe.scheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(steps)
+        timesteps, count = StableDiffusionImg2ImgPipeline.get_timesteps(
+            SimpleNamespace(scheduler=scheduler), steps, strength, "cpu"
+        )
+        if count < 1:
+            continue  # diffusers refuses a stage of no step; the refiner never asks for one
+        runs[steps, strength] = (backend.schedule_key(steps, strength), (tuple(timesteps.tolist()), strength == 1.0))
+    _assert_keys_follow_schedules(runs, across_steps=False)

@@ -253,8 +253,9 @@ class DiffusersBackend(RefineBackend):
 
     def schedule_key(self, num_inference_steps: int, strength: float) -> Hashable:
         if issubclass(self.inpaint_class, _STEP_ROUNDED_STAGES) and issubclass(self.img2img_class, _STEP_ROUNDED_STAGES):
-            # diffusers runs the last int(steps * strength) timesteps; strength 1 also starts from pure noise.
-            return num_inference_steps, int(num_inference_steps * strength), strength == 1.0
+            # diffusers runs the last int(steps * strength) timesteps (all of them, from pure noise,
+            # exactly when strength is 1: int(steps * strength) < steps for any strength below 1).
+            return num_inference_steps, int(num_inference_steps * strength)
         return super().schedule_key(num_inference_steps, strength)
 
     def run(self, request: StageRequest) -> torch.Tensor:
@@ -464,8 +465,8 @@ class LatentLoopBackend(RefineBackend):
         return self.pipe.vae.config.latent_channels, self.pipe.vae_scale_factor
 
     def schedule_key(self, num_inference_steps: int, strength: float) -> Hashable:
-        if isinstance(self.pipe, StableCascadeCombinedPipeline):
-            return super().schedule_key(num_inference_steps, strength)  # its time ratios start at strength
+        if isinstance(self.pipe, StableCascadeCombinedPipeline):  # CascadeDenoiser.timesteps: ratios from strength
+            return max(1, int(num_inference_steps * strength)), strength
         return num_inference_steps, int(num_inference_steps * strength)  # PixArtDenoiser.timesteps
 
     def size_multiple(self) -> int:
