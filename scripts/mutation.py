@@ -81,10 +81,10 @@ def name_patterns(group: dict) -> list[str]:
     return [f"{module}.{function}__mutmut_*" for module in modules for function in mangled]
 
 
-def run_group(name: str, group: dict) -> dict:
+def run_group(name: str, group: dict, children: int = 1) -> dict:
     work = prepare(name, group)
     with open(work / "run.log", "w") as log:  # mutmut's progress line, redrawn for every mutant
-        command = [sys.executable, "-m", "mutmut", "run", "--max-children", "1", *name_patterns(group)]
+        command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *name_patterns(group)]
         subprocess.run(command, cwd=work, check=False,
                        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
     statuses = results(work)
@@ -115,9 +115,10 @@ def main() -> None:
     groups = tomllib.loads(CONFIG.read_text())["groups"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="*", choices=[*groups, []], help="groups to run (default: all)")
-    names = parser.parse_args().groups or list(groups)
-    for name in names:
-        run_group(name, groups[name])
+    parser.add_argument("--children", type=int, default=1, help="mutants tested at once (one torch thread each)")
+    arguments = parser.parse_args()
+    for name in arguments.groups or list(groups):
+        run_group(name, groups[name], arguments.children)
 
 
 if __name__ == "__main__":
