@@ -46,7 +46,6 @@ class LatentDenoiser(Protocol):
         """One scheduler step: the latents at the next timestep."""
 
 
-@torch.no_grad()
 def masked_latent_denoise(
     denoiser: LatentDenoiser,
     latents: torch.Tensor,
@@ -77,24 +76,25 @@ def masked_latent_denoise(
         The refined ``(B, C, h, w)`` latents, or None when ``should_stop`` stopped the loop (half
         denoised latents are not worth decoding).
     """
-    scheduler = denoiser.make_scheduler()
-    original = latents
-    mask = torch.ones(1, 1, *original.shape[-2:]) if masks is None else latent_mask(masks, tuple(original.shape[-2:]))
-    mask = mask.to(device=original.device, dtype=original.dtype)
-    timesteps = denoiser.timesteps(scheduler, num_inference_steps, strength)
-    if len(timesteps) == 0:  # as diffusers' image-to-image refuses it, rather than a shape error later
-        raise ValueError(f"strength {strength} of {num_inference_steps} num_inference_steps schedules no step")
-    noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
-    latents = scheduler.add_noise(original, noise, timesteps[:1])
+    with torch.no_grad():  # not a decorator: mutation testing (scripts/mutation.py) skips decorated functions
+        scheduler = denoiser.make_scheduler()
+        original = latents
+        mask = torch.ones(1, 1, *original.shape[-2:]) if masks is None else latent_mask(masks, tuple(original.shape[-2:]))
+        mask = mask.to(device=original.device, dtype=original.dtype)
+        timesteps = denoiser.timesteps(scheduler, num_inference_steps, strength)
+        if len(timesteps) == 0:  # as diffusers' image-to-image refuses it, rather than a shape error later
+            raise ValueError(f"strength {strength} of {num_inference_steps} num_inference_steps schedules no step")
+        noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
+        latents = scheduler.add_noise(original, noise, timesteps[:1])
 
-    with progress_bar(total=len(timesteps)) as bar:
-        for i, timestep in enumerate(timesteps):
-            prediction = denoiser.predict(latents, timestep, conditioning)
-            latents = denoiser.step(scheduler, prediction, timestep, latents, generator)
-            last = i == len(timesteps) - 1
-            known = original if last else scheduler.add_noise(original, noise, timesteps[i + 1 : i + 2])
-            latents = mask * latents + (1 - mask) * known
-            bar.update()
-            if should_stop is not None and should_stop():
-                return None
-    return latents
+        with progress_bar(total=len(timesteps)) as bar:
+            for i, timestep in enumerate(timesteps):
+                prediction = denoiser.predict(latents, timestep, conditioning)
+                latents = denoiser.step(scheduler, prediction, timestep, latents, generator)
+                last = i == len(timesteps) - 1
+                known = original if last else scheduler.add_noise(original, noise, timesteps[i + 1 : i + 2])
+                latents = mask * latents + (1 - mask) * known
+                bar.update()
+                if should_stop is not None and should_stop():
+                    return None
+        return latents

@@ -56,15 +56,15 @@ def cask_effect(overall: torch.Tensor, factors: torch.Tensor, alphas: torch.Tens
     return overall * (factors / alphas).clamp(max=1.0).prod(dim=-1)
 
 
-@torch.no_grad()
 def encode_handwritten_pairs(
     model: torch.nn.Module, tokenizer: Callable, pairs: dict[str, tuple[str, str]]
 ) -> torch.Tensor:
     """``(4, 2, D)`` L2-normalised text embeddings of the pairs, positive first."""
-    texts = [text for factor in FACTORS for text in pairs[factor]]
-    device = next(model.parameters()).device
-    features = model.encode_text(tokenizer(texts).to(device), normalize=True)
-    return features.unflatten(0, (len(FACTORS), 2))
+    with torch.no_grad():  # not a decorator: mutation testing (scripts/mutation.py) skips decorated functions
+        texts = [text for factor in FACTORS for text in pairs[factor]]
+        device = next(model.parameters()).device
+        features = model.encode_text(tokenizer(texts).to(device), normalize=True)
+        return features.unflatten(0, (len(FACTORS), 2))
 
 
 def pair_probabilities(features: torch.Tensor, pair_features: torch.Tensor, logit_scale: float) -> torch.Tensor:

@@ -97,7 +97,6 @@ def _image_embedding(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _project(visual, x[:, 1:]).mean(dim=1)
 
 
-@torch.no_grad()
 def encode_image_with_surgery(
     visual: nn.Module, pixel_values: torch.Tensor, depth: int | None = None
 ) -> SurgeryFeatures:
@@ -111,30 +110,31 @@ def encode_image_with_surgery(
     Returns:
         `SurgeryFeatures` with un-normalised embeddings.
     """
-    check_surgery_support(visual)
-    blocks = visual.transformer.resblocks
-    depth = default_surgery_depth(visual) if depth is None else depth
-    if not 1 <= depth <= len(blocks):
-        raise ValueError(f"depth must be in [1, {len(blocks)}], got {depth}")
+    with torch.no_grad():  # not a decorator: mutation testing (scripts/mutation.py) skips decorated functions
+        check_surgery_support(visual)
+        blocks = visual.transformer.resblocks
+        depth = default_surgery_depth(visual) if depth is None else depth
+        if not 1 <= depth <= len(blocks):
+            raise ValueError(f"depth must be in [1, {len(blocks)}], got {depth}")
 
-    x = _embed_patches(visual, pixel_values)
-    batch_first = getattr(visual.transformer, "batch_first", True)
-    run = (lambda block, h: block(h)) if batch_first else (
-        lambda block, h: block(h.transpose(0, 1)).transpose(0, 1)
-    )
-    for block in blocks[: len(blocks) - depth]:
-        x = run(block, x)
+        x = _embed_patches(visual, pixel_values)
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        run = (lambda block, h: block(h)) if batch_first else (
+            lambda block, h: block(h.transpose(0, 1)).transpose(0, 1)
+        )
+        for block in blocks[: len(blocks) - depth]:
+            x = run(block, x)
 
-    surgery = x
-    for block in blocks[len(blocks) - depth :]:
-        surgery = surgery + block.ls_1(_vv_attention(block, block.ln_1(x)))
-        x = run(block, x)
+        surgery = x
+        for block in blocks[len(blocks) - depth :]:
+            surgery = surgery + block.ls_1(_vv_attention(block, block.ln_1(x)))
+            x = run(block, x)
 
-    image = _image_embedding(visual, x)
-    patches = _project(visual, surgery[:, 1:])
-    rows = pixel_values.shape[-2] // visual.conv1.stride[0]
-    cols = pixel_values.shape[-1] // visual.conv1.stride[1]
-    return SurgeryFeatures(image=image, patches=patches, grid=(rows, cols))
+        image = _image_embedding(visual, x)
+        patches = _project(visual, surgery[:, 1:])
+        rows = pixel_values.shape[-2] // visual.conv1.stride[0]
+        cols = pixel_values.shape[-1] // visual.conv1.stride[1]
+        return SurgeryFeatures(image=image, patches=patches, grid=(rows, cols))
 
 
 def feature_surgery(
