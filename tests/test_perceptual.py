@@ -10,9 +10,11 @@ from grefine_hooks.scoring.perceptual import (
     FACTORS,
     PerceptualQuality,
     cask_effect,
+    encode_handwritten_pairs,
     load_handwritten_pairs,
 )
 from grefine_hooks.scoring.surgery import SurgeryFeatures
+from grefine_hooks.testing import tiny_clip
 
 ALPHAS = torch.tensor([0.9, 0.5, 0.6])
 
@@ -85,6 +87,19 @@ def test_handwritten_pairs_cover_every_factor():
     pairs = load_handwritten_pairs()
     assert list(pairs) == list(FACTORS)
     assert all(positive and negative and positive != negative for positive, negative in pairs.values())
+
+
+def test_handwritten_pairs_are_encoded_factor_by_factor_positive_first():
+    """Each text encoded on its own by the real (tiny) CLIP text tower, L2-normalised."""
+    model, _, tokenizer = tiny_clip(seed=0)
+    pairs = load_handwritten_pairs()
+    features = encode_handwritten_pairs(model, tokenizer, pairs)
+    assert features.shape == (len(FACTORS), 2, model.text_projection.shape[1]) and not features.requires_grad
+    for i, factor in enumerate(FACTORS):
+        for j, text in enumerate(pairs[factor]):
+            with torch.no_grad():
+                expected = F.normalize(model.encode_text(tokenizer([text])), dim=-1)[0]
+            torch.testing.assert_close(features[i, j], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def _plain_patch_tokens(visual, pixels):
 def test_one_value_per_patch_and_finite(model):
     pixels = torch.randn(2, 3, 64, 64)
     features = encode_image_with_surgery(model.visual, pixels)
-    assert features.grid == (8, 8)
+    assert features.grid == (8, 8) and all(type(side) is int for side in features.grid)
     assert features.patches.shape == (2, 64, model.visual.output_dim)
     assert torch.isfinite(features.patches).all()
 
