@@ -20,21 +20,32 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PixArtTransformer2DModel,
     StableDiffusionImg2ImgPipeline,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
 
 from grefine_hooks.refine.backends import (
     CascadeDenoiser,
     LatentLoopBackend,
     PixArtDenoiser,
+    StageInterrupted,
     StageRequest,
+    _resize,
     backend_for,
 )
-from grefine_hooks.testing import FAMILIES, latent_capture, tiny_call_kwargs, tiny_pipeline
+from grefine_hooks.refine.latent_loop import masked_latent_denoise
+from grefine_hooks.refine.masks import latent_mask
+from grefine_hooks.testing import (
+    FAMILIES,
+    latent_capture,
+    tiny_call_kwargs,
+    tiny_pipeline,
+)
 
 PROMPT = "a red book on a table"
 LATENT_FAMILIES = ("pixart-alpha", "pixart-sigma", "cascade")
@@ -393,3 +404,131 @@ def test_diffusers_stages_have_equal_keys_exactly_for_equal_schedules(family):
             continue  # diffusers refuses a stage of no step; the refiner never asks for one
         runs[steps, strength] = (backend.schedule_key(steps, strength), (tuple(timesteps.tolist()), strength == 1.0))
     _assert_keys_follow_schedules(runs, across_steps=False)
+
+
+@pytest.mark.parametrize("generated", ["pixart-alpha", "pixart-sigma"], indirect=True)
+@pytest.mark.parametrize("scale", [1.0, 4.5])
+@torch.no_grad()
+def test_pixart_prediction_is_the_pipelines_own_noise_prediction(generated, scale, monkeypatch):
+    """What PixArt's own denoising loop hands its scheduler (guidance, the learned-sigma half
+    dropped, the prompt's attention mask, the negative prompt), captured from a real call with the
+    same latents, prompt and negative prompt, equals the stage's prediction."""
+    _family, pipe, image, _, extras = generated
+    height, width = image.shape[-2:]
+    torch.manual_seed(3)
+    start = torch.randn(1, pipe.transformer.config.in_channels, height // 8, width // 8)
+    handed: list[tuple[torch.Tensor, torch.Tensor]] = []
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        handed.append((model_output.clone(), torch.as_tensor(timestep).clone()))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", recording_step)
+    pipe(PROMPT, negative_prompt="blurry", latents=start.clone(), guidance_scale=scale, num_inference_steps=2,
+         height=height, width=width, use_resolution_binning=False, output_type="latent")
+    monkeypatch.undo()
+    expected, timestep = handed[0]
+    request = _request(image, extras, negative_prompts=["blurry"], call_kwargs={"guidance_scale": scale})
+    denoiser = _denoiser(pipe, request)
+    predicted = denoiser.predict(start, timestep, denoiser.conditioning(request))
+    assert predicted.shape == start.shape
+    torch.testing.assert_close(predicted, expected, atol=1e-5, rtol=1e-4)
+
+
+class _RecordingDenoiser:
+    """The family's real denoiser, keeping the latents each prediction was made from."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.inputs = denoiser, []
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
+
+    def predict(self, latents, timestep, conditioning):
+        self.inputs.append((latents.clone(), timestep.clone()))
+        return self.denoiser.predict(latents, timestep, conditioning)
+
+
+@torch.no_grad()
+def test_outside_the_mask_each_step_sees_the_original_noised_to_its_timestep(generated):
+    """Blended latent denoising: before every step the unmasked latents are the original's, noised
+    with the stage's own noise to that step's timestep (the first step's input is all noised
+    original); after the last step they are the original itself."""
+    family, pipe, image, latents, extras = generated
+
+    original = latents[None]
+    mask = torch.zeros(image.shape[-2:])
+    mask[: image.shape[-2] // 2, : image.shape[-1] // 2] = 1
+    request = _request(image, extras, masks=mask[None], latents=original, strength=0.75, num_inference_steps=4)
+    denoiser = _RecordingDenoiser(_denoiser(pipe, request))
+    refined = masked_latent_denoise(denoiser, original, mask[None], denoiser.conditioning(request), 0.75, 4,
+                                    [torch.Generator().manual_seed(5)], pipe.progress_bar
+                                    if family != "cascade" else pipe.decoder_pipe.progress_bar)
+    scheduler = denoiser.make_scheduler()
+    timesteps = denoiser.timesteps(scheduler, 4, 0.75)
+    noise = randn_tensor(original.shape, generator=[torch.Generator().manual_seed(5)], dtype=original.dtype)
+    keep = latent_mask(mask[None], tuple(original.shape[-2:])) == 0
+    keep = keep.expand_as(original)
+    assert len(denoiser.inputs) == len(timesteps) >= 2 and keep.any()
+    # DPM-Solver's add_noise reads its step counter; DDPM's is the plain forward process at t
+    forward = scheduler if family == "cascade" else DDPMScheduler.from_config(pipe.scheduler.config)
+    for (seen, timestep), expected_timestep in zip(denoiser.inputs, timesteps):
+        assert timestep.item() == expected_timestep.item()
+        noised = forward.add_noise(original, noise, expected_timestep[None].long() if family != "cascade"
+                                   else expected_timestep[None])
+        torch.testing.assert_close(seen[keep], noised[keep], atol=1e-4, rtol=1e-4)
+    assert torch.equal(refined[keep], original[keep])
+    assert not torch.allclose(refined[~keep], original[~keep], atol=1e-3)
+
+
+@pytest.mark.parametrize("generated", ["pixart-alpha"], indirect=True)
+@torch.no_grad()
+def test_a_stochastic_scheduler_draws_its_noise_from_the_stages_generators(generated):
+    _family, pipe, image, latents, extras = generated
+    original = pipe.scheduler
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(original.config)
+    try:
+        def refine(seed: int, global_seed: int) -> torch.Tensor:
+            request = _request(image, extras, latents=latents[None], generators=[torch.Generator().manual_seed(seed)],
+                               strength=0.75, num_inference_steps=4)
+            torch.manual_seed(global_seed)  # what a step would draw from if it ignored the stage's generators
+            return backend_for(pipe).run(request)
+
+        first, again, other = refine(1, 100), refine(1, 200), refine(2, 100)
+    finally:
+        pipe.scheduler = original
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_stop_request_interrupts_the_latent_loop(generated):
+    _family, pipe, image, latents, extras = generated
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    request = _request(image, extras, latents=latents[None], strength=0.75, num_inference_steps=8,
+                       should_stop=should_stop)
+    with pytest.raises(StageInterrupted):
+        backend_for(pipe).run(request)
+    assert len(asked) == 2  # asked after every step, stopped at the first True
+
+
+def test_resizing_keeps_the_range_and_averages_what_it_shrinks():
+    """Bicubic interpolation overshoots at sharp edges (clamped to [0, 1]); shrinking a one-pixel
+    checkerboard averages it to grey (antialiased) instead of sampling it; the same size is the
+    image itself."""
+    board = (torch.arange(48)[:, None] + torch.arange(48)[None, :]) % 2
+    board = board.float().expand(1, 3, 48, 48)
+    shrunk = _resize(board, (16, 16))  # a third: without antialiasing it would sample single pixels
+    assert (shrunk - 0.5).abs().max() < 0.05
+    edge = torch.zeros(1, 3, 16, 16)
+    edge[..., 8:] = 1
+    grown = _resize(edge, (64, 64))
+    assert grown.min() >= 0 and grown.max() <= 1
+    assert grown.min() == 0 and grown.max() == 1  # the overshoot is clamped, not the image rescaled
+    assert _resize(board, (48, 48)) is board
