@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -80,3 +81,24 @@ def test_the_calls_text_settings_reach_the_encoder(pipe, settings):
     name = next(iter(alone))
     torch.testing.assert_close(batched[name], alone[name], atol=1e-5, rtol=1e-5)
     assert batched[name].shape != default[name].shape or not torch.allclose(batched[name], default[name])
+
+
+@pytest.mark.parametrize("pipe", ["sd15", "sdxl"], indirect=True)
+@pytest.mark.parametrize("attention", ["cross_attention_kwargs", "joint_attention_kwargs"])
+@torch.no_grad()
+def test_the_calls_lora_scale_reaches_the_encoder(pipe, attention, monkeypatch):
+    """A LoRA scale given as ``cross_attention_kwargs={"scale": s}`` (``joint_attention_kwargs`` for
+    SD3-style pipelines) is the encoder's ``lora_scale``, as in the generation's own encoding. The
+    tiny text encoders carry no LoRA, so the value handed over is what is checked."""
+    handed: list[float | None] = []
+    encode = pipe.encode_prompt
+
+    @functools.wraps(encode)  # keeps the signature the encoding reads its arguments from
+    def recording_encode(*args, **kwargs):
+        handed.append(kwargs.get("lora_scale"))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "encode_prompt", recording_encode)
+    encode_prompts(pipe, PROMPTS[:1], [None], {attention: {"scale": 0.7}})
+    encode_prompts(pipe, PROMPTS[:1], [None], {})
+    assert handed == [0.7, None]
