@@ -120,9 +120,9 @@ class RefineBackend(ABC):
     def run(self, request: StageRequest) -> torch.Tensor:
         """The refined batch: latents, or ``(B, 3, H, W)`` images in [0, 1] if ``request.decode``."""
 
-    @abstractmethod
     def latent_geometry(self) -> tuple[int, int]:
-        """(channels, pixels per latent cell) of the latents the family's denoiser produces."""
+        """(channels, pixels per latent cell) of the latents the family's denoiser produces: its VAE's."""
+        return self.pipe.vae.config.latent_channels, self.pipe.vae_scale_factor
 
     def latents_fit(self, latents: Any, size: tuple[int, int]) -> bool:
         """Whether ``latents`` (one image's, captured during generation) encode an image of ``size``.
@@ -247,9 +247,6 @@ class DiffusersBackend(RefineBackend):
 
     def img2img_pipeline(self) -> DiffusionPipeline:
         return derive_pipeline(self.pipe, self.img2img_class)
-
-    def latent_geometry(self) -> tuple[int, int]:
-        return self.pipe.vae.config.latent_channels, self.pipe.vae_scale_factor
 
     def schedule_key(self, num_inference_steps: int, strength: float) -> Hashable:
         if issubclass(self.inpaint_class, _STEP_ROUNDED_STAGES) and issubclass(self.img2img_class, _STEP_ROUNDED_STAGES):
@@ -459,10 +456,10 @@ class LatentLoopBackend(RefineBackend):
         self.denoiser_class = denoiser_class
 
     def latent_geometry(self) -> tuple[int, int]:
-        if isinstance(self.pipe, StableCascadeCombinedPipeline):
+        if isinstance(self.pipe, StableCascadeCombinedPipeline):  # the decoder's latents, a VQGAN's
             vqgan = self.pipe.vqgan.config
             return self.pipe.decoder.config.in_channels, vqgan.up_down_scale_factor * 2 ** (vqgan.levels - 1)
-        return self.pipe.vae.config.latent_channels, self.pipe.vae_scale_factor
+        return super().latent_geometry()
 
     def schedule_key(self, num_inference_steps: int, strength: float) -> Hashable:
         if isinstance(self.pipe, StableCascadeCombinedPipeline):  # CascadeDenoiser.timesteps: ratios from strength
@@ -474,7 +471,7 @@ class LatentLoopBackend(RefineBackend):
         if isinstance(self.pipe, StableCascadeCombinedPipeline):
             levels = len(self.pipe.decoder.config.block_out_channels)
             return self.latent_geometry()[1] * 2 ** (levels - 1)
-        return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+        return self.latent_geometry()[1] * self.pipe.transformer.config.patch_size
 
     def run(self, request: StageRequest) -> torch.Tensor:
         size = tuple(request.images.shape[-2:])
