@@ -189,6 +189,7 @@ class Refiner:
         """
         policy = self.policy
         steps1, steps2 = policy.stage_steps(call.num_inference_steps)
+        stage2 = policy.stage2_strength > 0
         images = []
         for item in items:
             mask = refine_mask(item.report.P, item.report.A, policy)
@@ -196,11 +197,10 @@ class Refiner:
             if mask.share > 0:
                 strength = policy.stage1_strength(item.report.p, item.report.a)
                 outcome.stage1_strength, outcome.stage1_steps = strength, scheduled_steps(steps1, strength)
-            if policy.stage2_strength > 0:
+            if stage2:
                 outcome.stage2_strength = policy.stage2_strength
                 outcome.stage2_steps = scheduled_steps(steps2, policy.stage2_strength)
             images.append(_Image(item, outcome, item.image.float(), item.latents))
-        stage2 = policy.stage2_strength > 0
         stages = [_Stage("stage1", masked=True, last=not stage2)]
         stages += [_Stage("stage2", masked=False, last=True)] if stage2 else []
         encoded = self._encode_prompts(images, stages, call)
