@@ -191,19 +191,13 @@ class Bench:
         """Both refine stages as global image-to-image from the generated pixels, no scorer, no mask,
         no guard: what a refiner bolted on after the pipeline does."""
         generator = self.generator(seed)
-        captured: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        if self.family == "cascade":  # stage B refinement is conditioned on the prior's output
-            def capture(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                captured["image_embeddings"] = tensors["latents"]
-                return {}
-
-            extra = {"prior_callback_on_step_end": capture}
+        extra, captured = latent_capture(self.family) if self.family == "cascade" else ({}, {})
         image = self.pipe(prompt, generator=generator, output_type="pt", **kwargs, **extra).images[:1].float()
         policy = self.refine_policy
         steps1, steps2 = policy.stage_steps(kwargs["num_inference_steps"])
         strength1 = self.naive_stage1_strength
-        extras = [{"image_embeddings": captured["image_embeddings"][0]}] if captured else []
+        # stage B refinement is conditioned on the prior's output; the pixels are refined, not the latents
+        extras = [{"image_embeddings": captured["prior"][0]}] if "prior" in captured else []
         request = StageRequest(
             images=image, prompts=[prompt], negative_prompts=[None], generators=[generator], strength=strength1,
             num_inference_steps=scheduled_steps(steps1, strength1), extras=extras,
