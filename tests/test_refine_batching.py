@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import grefine_hooks.refine.refiner as refiner_module
 from grefine_hooks import RefinePolicy, wrap
 from grefine_hooks.refine.backends import backend_for
 from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner
@@ -34,16 +37,25 @@ def _generators(seeds=SEEDS):
     return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def generated(request):
+def _generate(family):
     """(family, pipeline, images (3, 3, H, W), final latents, per-image extras) of one real call."""
-    family = request.param
     pipe = tiny_pipeline(family, seed=0)
     pipe.set_progress_bar_config(disable=True)
     extra, captured = latent_capture(family)
     images = pipe(PROMPTS, generator=_generators(), output_type="pt", **tiny_call_kwargs(family, 4), **extra).images
     extras = [{"image_embeddings": captured["prior"][i]} if family == "cascade" else {} for i in range(len(PROMPTS))]
     return family, pipe, images.float(), captured["latents"], extras
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def generated(request):
+    return _generate(request.param)
+
+
+@pytest.fixture(scope="module")
+def sd15_generated():
+    """The refiner's own logic does not depend on the family: its tests run on SD 1.5."""
+    return _generate("sd15")
 
 
 def _report(k, side):
@@ -257,3 +269,107 @@ def test_a_batched_calls_time_is_shared_by_its_images(scorer, monkeypatch):
         shares = [outcome.timings[stage] for outcome in outcomes]
         assert all(share > 0 for share in shares)
         assert sum(shares) == pytest.approx(measured[stage], rel=0.05, abs=0.01)
+
+
+class RunawayRetries(BaseException):
+    """Raised past any sane number of stage calls; a BaseException, so no retry loop catches it."""
+
+
+def _index(prompt):
+    """Which of PROMPTS a stage's prompt (plain or emphasised) belongs to."""
+    return next(k for k, text in enumerate(PROMPTS) if prompt.startswith(text))
+
+
+@torch.no_grad()
+def test_a_failed_batched_call_is_retried_image_by_image(sd15_generated, monkeypatch):
+    """Stage 1 raises for every call holding image 2: the call of images 2 and 3 fails and is
+    retried one image at a time, so only image 2 fails (returned as generated, with the error and no
+    stage 2) while images 1 and 3 come out as without the fault. A stand-in clock in which each
+    stage call takes one second per image shows every call's time in its images' timings, the
+    failed calls' included."""
+    _family, pipe, images, latents, extras = sd15_generated
+    backend = backend_for(pipe)
+    policy = RefinePolicy(guard=False)
+    clean = Refiner(backend, None, policy).refine(_items(images, latents, extras), RefineCall(STEPS))
+    calls, clock, run = [], [0.0], backend.run
+
+    def faulty(request):
+        calls.append(("stage1" if request.masks is not None else "stage2", [_index(p) for p in request.prompts]))
+        if len(calls) > 10:
+            raise RunawayRetries(calls)
+        clock[0] += len(request.prompts)
+        if request.masks is not None and any(p.startswith(PROMPTS[1]) for p in request.prompts):
+            raise RuntimeError("out of memory (simulated)")
+        return run(request)
+
+    monkeypatch.setattr(backend, "run", faulty)
+    monkeypatch.setattr(refiner_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    outcomes = Refiner(backend, None, policy).refine(_items(images, latents, extras), RefineCall(STEPS))
+    assert calls == [("stage1", [0]), ("stage1", [1, 2]), ("stage1", [1]), ("stage1", [2]), ("stage2", [0, 2])]
+    failed = outcomes[1]
+    assert (failed.decision, failed.error) == ("failed", "RuntimeError: out of memory (simulated)")
+    assert torch.equal(failed.image, images[1])
+    assert failed.timings == {"stage1": 2.0}  # half of the failed pair's call, then its own
+    assert [outcomes[k].timings for k in (0, 2)] == [{"stage1": 1.0, "stage2": 1.0}, {"stage1": 2.0, "stage2": 1.0}]
+    for k in (0, 2):
+        assert (outcomes[k].decision, outcomes[k].error) == ("refined", None)
+        torch.testing.assert_close(outcomes[k].image, clean[k].image, atol=TOLERANCE, rtol=0)
+        assert (outcomes[k].image - images[k]).abs().max() > 10 * TOLERANCE
+
+
+@torch.no_grad()
+def test_a_family_with_no_known_prompt_encoder_refines_from_its_texts(sd15_generated, monkeypatch):
+    """Where the refiner cannot encode a family's prompts (``encode_prompts`` gives None), every
+    stage call gets the texts, each image's own negative prompt included, and encodes them itself:
+    the images equal those of the pre-encoded path."""
+    _family, pipe, images, latents, extras = sd15_generated
+    backend = backend_for(pipe)
+    refiner = Refiner(backend, None, RefinePolicy(guard=False))
+    negatives = ["blurry, dark", None, "low quality"]
+
+    def items():
+        made = _items(images, latents, extras)
+        for item, negative in zip(made, negatives):
+            item.negative_prompt = negative
+        return made
+
+    encoded = refiner.refine(items(), RefineCall(STEPS))
+    requests, run = [], backend.run
+
+    def recording(request):
+        requests.append(request)
+        return run(request)
+
+    monkeypatch.setattr(backend, "run", recording)
+    monkeypatch.setattr(backend, "encode_prompts", lambda *args, **kwargs: None)
+    from_texts = refiner.refine(items(), RefineCall(STEPS))
+    assert len(requests) == 3  # stage 1 twice (images 2 and 3 share a schedule), stage 2 once
+    for request in requests:
+        assert request.prompt_embeddings == {}
+        assert request.negative_prompts == [negatives[_index(prompt)] for prompt in request.prompts]
+    for k, (texts, embedded) in enumerate(zip(from_texts, encoded)):
+        assert texts.decision == embedded.decision == "refined", texts.error
+        torch.testing.assert_close(texts.image, embedded.image, atol=TOLERANCE, rtol=0)
+        assert (texts.image - images[k]).abs().max() > 10 * TOLERANCE
+
+
+@torch.no_grad()
+def test_only_the_prompts_of_stages_that_run_are_encoded(sd15_generated, monkeypatch):
+    """Image 2's maps are all good, so its stage 1 does not run: its emphasised prompt is never
+    encoded; every other image's emphasised prompt and all three plain prompts are, in one batch."""
+    _family, pipe, images, latents, extras = sd15_generated
+    backend = backend_for(pipe)
+    items = _items(images, latents, extras)
+    items[1].report = replace(items[1].report, P=torch.ones_like(items[1].report.P))
+    batches, encode = [], backend.encode_prompts
+
+    def recording(prompts, negative_prompts, call_kwargs):
+        batches.append(list(prompts))
+        return encode(prompts, negative_prompts, call_kwargs)
+
+    monkeypatch.setattr(backend, "encode_prompts", recording)
+    outcomes = Refiner(backend, None, RefinePolicy(guard=False)).refine(items, RefineCall(STEPS))
+    assert [outcome.stage1_steps is None for outcome in outcomes] == [False, True, False]
+    assert all(outcome.decision == "refined" for outcome in outcomes)
+    emphasised = [items[k].report.emphasized_prompt for k in (0, 2)]
+    assert len(batches) == 1 and sorted(batches[0]) == sorted(emphasised + PROMPTS)

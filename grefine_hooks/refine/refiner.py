@@ -87,8 +87,9 @@ class RefineOutcome:
         mask: the stage-1 region.
         stage1_strength / stage1_steps / stage2_strength / stage2_steps: what ran (None if not).
         after: the re-score of the refined image (None when the guard is off).
-        timings: seconds of ``stage1``, ``stage2`` and ``rescore``; a batched stage's time is
-            shared equally by its images.
+        timings: seconds of ``stage1``, ``stage2`` and ``rescore``; a batched call's time is
+            shared equally by its images, and a failed batched call's share adds to the time of
+            the image-by-image calls that follow it.
     """
 
     image: torch.Tensor
@@ -292,7 +293,6 @@ class Refiner:
                 output = self.backend.run(self._request(stage, members, call, encoded))
                 _sync(output.device)
             except StageInterrupted:
-                self._share_time(stage, members, start)
                 raise RefinementInterrupted(f"during {stage.name}", members[0].outcome.timings) from None
             except Exception as error:
                 if self.policy.strict:
@@ -302,7 +302,9 @@ class Refiner:
                 else:
                     results.append((members, None, f"{type(error).__name__}: {error}"))
                 continue
-            self._share_time(stage, members, start)
+            finally:
+                # Every call's time, a failed one's too, was spent on its images.
+                self._share_time(stage, members, start)
             results.append((members, output, None))
         return results
 
