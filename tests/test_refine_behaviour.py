@@ -25,7 +25,7 @@ from diffusers import DDIMScheduler
 from grefine_hooks import RefinePolicy, wrap
 from grefine_hooks.refine.backends import backend_for
 from grefine_hooks.refine.masks import composite, latent_weight
-from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner
+from grefine_hooks.refine.refiner import RefineCall, RefineItem, Refiner, scheduled_steps
 from grefine_hooks.scoring.scorer import QualityReport
 from grefine_hooks.testing import latent_capture, tiny_call_kwargs, tiny_pipeline
 
@@ -144,11 +144,12 @@ def _report(p=0.3, a=0.9, bad=None, emphasised=EMPHASISED) -> QualityReport:
                          factors={})
 
 
-def _refine(backend, scorer, policy, image, report, steps, seed=1, latents=None):
+def _refine(backend, scorer, policy, image, report, steps, seed=1, latents=None, call_kwargs=None):
     """The outcome of refining one image through the refiner's batched entry point."""
     item = RefineItem(image=image, report=report, prompt=PROMPT, generator=torch.Generator().manual_seed(seed),
                       latents=latents)
-    [outcome] = Refiner(backend, scorer, policy).refine([item], RefineCall(num_inference_steps=steps))
+    call = RefineCall(num_inference_steps=steps, call_kwargs=call_kwargs or {})
+    [outcome] = Refiner(backend, scorer, policy).refine([item], call)
     return outcome
 
 
@@ -194,6 +195,49 @@ def test_refined_pipeline_steps_follow_the_calls_num_inference_steps(scorer, une
         assert (record.stage1_steps, record.stage2_steps) == scheduled
         stage1_runs = int(scheduled[0] * record.stage1_strength)
         assert [len(run) for run in unet_calls.runs()] == [30, stage1_runs, stage2_runs]
+
+
+def test_scheduled_steps_always_run_a_step_and_add_at_most_one():
+    """diffusers' image-to-image runs ``int(scheduled * strength)`` steps and refuses 0. A stage is
+    scheduled over at least the steps it was given and enough for one step to run, also where
+    ``1 / strength`` is whole but floats round the product below 1 (``49 * (1 / 49) < 1``); never more
+    than one iteration beyond the fewest that would do."""
+    strengths = [1 / k for k in range(1, 101)] + [k / 1000 for k in range(1, 1001)]
+    for strength in strengths:
+        fewest_running = next(n for n in range(1, 2002) if int(n * strength) >= 1)
+        for steps in (1, 2, 7, 30):
+            scheduled = scheduled_steps(steps, strength)
+            assert int(scheduled * strength) >= 1, (steps, strength)
+            assert steps <= scheduled <= max(steps, fewest_running) + 1, (steps, strength)
+
+
+@pytest.mark.parametrize(
+    "p, a, low",
+    [
+        (0.3, 0.9, "p 0.30 < 0.50"),
+        (0.5, 0.59, "a 0.59 < 0.60"),  # p at its threshold is not below it
+        (0.2, 0.6, "p 0.20 < 0.50"),  # nor is a at its own
+        (0.2, 0.1, "p 0.20 < 0.50 and a 0.10 < 0.60"),
+    ],
+)
+@torch.no_grad()
+def test_the_reason_names_each_score_below_its_threshold_and_the_region(sd15, image, p, a, low):
+    policy = RefinePolicy(p_threshold=0.5, a_threshold=0.6, guard=False, stage2_strength=0.0, **SHARP)
+    outcome = _refine(backend_for(sd15), None, policy, image, _report(p, a), 2)
+    assert outcome.mask.share == pytest.approx(24 * 24 / SIDE**2)  # the square, not dilated
+    assert outcome.reason == f"{low}; mask 14% of the image"
+
+
+@pytest.mark.parametrize("guidance_scale, rows", [(None, 2), (1.0, 1)])
+@torch.no_grad()
+def test_the_calls_guidance_scale_reaches_every_stage(sd15, image, unet_calls, guidance_scale, rows):
+    """The call's generation arguments shape its stages: with ``guidance_scale`` 1 diffusers drops
+    classifier-free guidance, so every stage's denoiser call holds one row instead of a negative
+    and a positive one."""
+    call_kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    _refine(backend_for(sd15), None, RefinePolicy(guard=False, **SHARP), image, _report(), 8, call_kwargs=call_kwargs)
+    stage1, stage2 = unet_calls.runs()
+    assert {len(unet_calls.states[index]) for index in stage1 + stage2} == {rows}
 
 
 def _conditional_rows(states: torch.Tensor) -> torch.Tensor:
@@ -315,3 +359,14 @@ def test_guard_tolerance_on_both_sides_of_a_real_drop(sd15, image, scorer, refin
     else:
         assert outcome.guard == "kept"
         assert torch.equal(outcome.image, refined)
+
+
+@torch.no_grad()
+def test_the_guard_names_every_score_that_fell(sd15, image, scorer, refined_and_rescored):
+    _refined, rescore = refined_and_rescored
+    before = {"p": rescore.p + DROP, "a": rescore.a + DROP}
+    policy = RefinePolicy(guard=True, guard_tolerance=DROP - 0.01, **FIXED_STRENGTH)
+    outcome = _refine(backend_for(sd15), scorer, policy, image, _report(**before), 8, seed=5)
+    assert outcome.decision == "reverted" and torch.equal(outcome.image, image)
+    assert outcome.guard == (f"reverted: p {before['p']:.3f} -> {rescore.p:.3f}, "
+                             f"a {before['a']:.3f} -> {rescore.a:.3f}")
