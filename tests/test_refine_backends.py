@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline
+from diffusers import (
+    LatentConsistencyModelPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
 
 from grefine_hooks.refine.backends import (
+    CascadeDenoiser,
     DiffusersBackend,
+    LatentLoopBackend,
+    PixArtDenoiser,
     StageInterrupted,
     StageRequest,
     backend_for,
@@ -17,6 +26,51 @@ from grefine_hooks.refine.backends import (
 from grefine_hooks.testing import FAMILIES, latent_capture, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a red book on a table"
+
+# Each family's backend: diffusers' own inpaint / image-to-image pipelines, or the latent loop's denoiser.
+BACKENDS = {
+    "sd15": (DiffusersBackend, (StableDiffusionInpaintPipeline, StableDiffusionImg2ImgPipeline)),
+    "sdxl": (DiffusersBackend, (StableDiffusionXLInpaintPipeline, StableDiffusionXLImg2ImgPipeline)),
+    "pixart-alpha": (LatentLoopBackend, (PixArtDenoiser,)),
+    "pixart-sigma": (LatentLoopBackend, (PixArtDenoiser,)),
+    "cascade": (LatentLoopBackend, (CascadeDenoiser,)),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_gets_its_own_backend_over_the_users_pipeline(family):
+    pipe = tiny_pipeline(family, seed=0)
+    backend = backend_for(pipe)
+    kind, parts = BACKENDS[family]
+    assert type(backend) is kind and backend.pipe is pipe
+    if kind is DiffusersBackend:
+        assert (backend.inpaint_class, backend.img2img_class) == parts
+    else:
+        assert (backend.denoiser_class,) == parts
+
+
+def test_a_family_with_no_refine_pipelines_is_refused_naming_it_and_the_supported_ones():
+    sd = tiny_pipeline("sd15", seed=0)
+    lcm = LatentConsistencyModelPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    with pytest.raises(ValueError) as refused:
+        backend_for(lcm)
+    message = str(refused.value)
+    assert message.startswith("LatentConsistencyModelPipeline cannot be refined: it has no diffusers inpaint and "
+                              "image-to-image pipelines and no grefine-hooks backend. Supported: ")
+    assert "PixArtSigmaPipeline, " in message and "StableDiffusionXLPipeline" in message
+
+
+def test_a_stage_that_returns_latents_must_start_from_latents():
+    images = torch.zeros(1, 3, 8, 8)
+    fields = dict(images=images, prompts=[PROMPT], negative_prompts=[None], generators=[None], strength=0.5,
+                  num_inference_steps=2)
+    with pytest.raises(ValueError, match="^a stage that returns latents needs latents to start from$"):
+        StageRequest(**fields, decode=False)
+    assert StageRequest(**fields, latents=torch.zeros(1, 4, 4, 4), decode=False).latents is not None
+    assert StageRequest(**fields).decode  # decoding from pixels needs no latents
 
 
 @pytest.mark.parametrize("family", FAMILIES)
