@@ -334,9 +334,10 @@ def test_thousand_words_are_fast():
              "sleeping on a chair that is near the door ").split()
     prompt = " ".join((words * 60)[:1000])
     parse_prompt("warm up")  # load the tagger outside the timing
-    started = time.perf_counter()
+    # CPU time of this process, so that other load on a shared CI machine does not count.
+    started = time.process_time()
     phrases = parse_prompt(prompt)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert len(phrases) > 200
     assert elapsed < 2.0, f"1,000 words took {elapsed:.2f} s"
 
