@@ -77,15 +77,21 @@ def _items(images, latents, extras):
     ]
 
 
+def _stage_name(request):
+    """Which stage a ``StageRequest`` is: stage 1 is the masked one."""
+    return "stage1" if request.masks is not None else "stage2"
+
+
 class StageCalls:
-    """Wraps ``backend.run``: (stage, images in the call) per call."""
+    """Wraps ``backend.run``: (stage, images in the call) per call, and the requests themselves."""
 
     def __init__(self, backend, monkeypatch):
-        self.calls = []
+        self.calls, self.requests = [], []
         run = backend.run
 
         def recording(request):
-            self.calls.append(("stage1" if request.masks is not None else "stage2", len(request.prompts)))
+            self.calls.append((_stage_name(request), len(request.prompts)))
+            self.requests.append(request)
             return run(request)
 
         monkeypatch.setattr(backend, "run", recording)
@@ -260,7 +266,7 @@ def test_a_batched_calls_time_is_shared_by_its_images(scorer, monkeypatch):
     capture, captured = latent_capture("sd15")
     images = pipe(PROMPTS, generator=_generators(), output_type="pt", **tiny_call_kwargs("sd15", 4), **capture).images
     backend = backend_for(pipe)
-    stages = Timed(backend, "run", lambda request: "stage1" if request.masks is not None else "stage2", monkeypatch)
+    stages = Timed(backend, "run", _stage_name, monkeypatch)
     guard = Timed(scorer, "score", lambda *args, **kwargs: "rescore", monkeypatch)
     items = _items(images.float(), captured["latents"], [{}] * len(PROMPTS))
     outcomes = Refiner(backend, scorer, RefinePolicy()).refine(items, RefineCall(STEPS))
@@ -294,11 +300,11 @@ def test_a_failed_batched_call_is_retried_image_by_image(sd15_generated, monkeyp
     calls, clock, run = [], [0.0], backend.run
 
     def faulty(request):
-        calls.append(("stage1" if request.masks is not None else "stage2", [_index(p) for p in request.prompts]))
+        calls.append((_stage_name(request), [_index(p) for p in request.prompts]))
         if len(calls) > 10:
             raise RunawayRetries(calls)
         clock[0] += len(request.prompts)
-        if request.masks is not None and any(p.startswith(PROMPTS[1]) for p in request.prompts):
+        if _stage_name(request) == "stage1" and any(p.startswith(PROMPTS[1]) for p in request.prompts):
             raise RuntimeError("out of memory (simulated)")
         return run(request)
 
@@ -334,17 +340,11 @@ def test_a_family_with_no_known_prompt_encoder_refines_from_its_texts(sd15_gener
         return made
 
     encoded = refiner.refine(items(), RefineCall(STEPS))
-    requests, run = [], backend.run
-
-    def recording(request):
-        requests.append(request)
-        return run(request)
-
-    monkeypatch.setattr(backend, "run", recording)
+    spy = StageCalls(backend, monkeypatch)
     monkeypatch.setattr(backend, "encode_prompts", lambda *args, **kwargs: None)
     from_texts = refiner.refine(items(), RefineCall(STEPS))
-    assert len(requests) == 3  # stage 1 twice (images 2 and 3 share a schedule), stage 2 once
-    for request in requests:
+    assert len(spy.requests) == 3  # stage 1 twice (images 2 and 3 share a schedule), stage 2 once
+    for request in spy.requests:
         assert request.prompt_embeddings == {}
         assert request.negative_prompts == [negatives[_index(prompt)] for prompt in request.prompts]
     for k, (texts, embedded) in enumerate(zip(from_texts, encoded)):
