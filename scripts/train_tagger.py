@@ -28,6 +28,7 @@ import random
 import time
 from pathlib import Path
 
+from grefine_hooks.scoring.prompt_tree import load_word_lexicon
 from grefine_hooks.scoring.upos_tagger import TwoPassTagger
 
 MODEL_FILE = "upos_tagger_ud_ewt.json"
@@ -110,22 +111,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-lowercase-augment", dest="lowercase_augment",
                         action="store_false",
                         help="train on the cased sentences only")
+    parser.add_argument("--both-spellings", action="store_true",
+                        help="train on every sentence as written and lowercased (instead of half)")
+    parser.add_argument("--train-only", dest="with_dev", action="store_false",
+                        help="train on the train split alone (default: train + dev; test is "
+                             "never trained on)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    train_sents = read_conllu(args.treebank / "en_ewt-ud-train.conllu")
+    splits = ("train", "dev") if args.with_dev else ("train",)
+    train_sents = [s for split in splits
+                   for s in read_conllu(args.treebank / f"en_ewt-ud-{split}.conllu")]
     evals = {split: read_conllu(args.treebank / f"en_ewt-ud-{split}.conllu")
-             for split in ("dev", "test")}
-    if args.lowercase_augment:
+             for split in ("dev", "test") if split not in splits}
+    if args.both_spellings:
+        train_sents = train_sents + lowercased(train_sents)
+    elif args.lowercase_augment:
         train_sents = half_lowercased(train_sents, args.lowercase_seed)
-    print(f"training on {len(train_sents)} sentences "
-          f"(lowercase augment: {args.lowercase_augment}, seed {args.seed}, "
-          f"{args.iterations} iterations, {args.folds} folds)")
+    print(f"training on {len(train_sents)} sentences of {'+'.join(splits)} "
+          f"(lowercase augment: {'both spellings' if args.both_spellings else args.lowercase_augment}, "
+          f"seed {args.seed}, {args.iterations} iterations, {args.folds} folds)")
 
     started = time.perf_counter()
-    tagger = TwoPassTagger.train(train_sents, args.iterations, args.folds, args.seed)
+    tagger = TwoPassTagger.train(train_sents, load_word_lexicon(), args.iterations, args.folds, args.seed)
     print(f"training time {time.perf_counter() - started:.1f} s")
     report("unpruned", tagger, evals)
     if args.prune > 0:

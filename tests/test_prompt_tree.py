@@ -109,12 +109,13 @@ END_TO_END = [
     ("the dog's red ball", [("dog", "the dog's", "ball"), ("ball", "red ball", None)]),
     # proper nouns and compounds: the phrase's noun is the whole run of nouns
     # the two captions printed in the paper
-    # (the shipped tagger has not seen "bat" and reads "to bat" as a preposition and a name)
+    # ("to bat" is an infinitive, so the verb phrase joins its subject's phrase; a hyphenated
+    # modifier is part of the compound noun, as "stop sign" is)
     ("Ichiro Suzuki preparing to bat.",
-     [("Ichiro Suzuki", "Ichiro Suzuki", None), ("bat", "preparing to bat", "Ichiro Suzuki")]),
+     [("Ichiro Suzuki", "Ichiro Suzuki preparing to bat", None)]),
     ("Enjoying the baseball game from the third-base seats.",
      [("baseball game", "Enjoying the baseball game", None),
-      ("seats", "from the third-base seats", "baseball game")]),
+      ("third-base seats", "from the third-base seats", "baseball game")]),
     ("Mount Fuji behind a lake",
      [("Mount Fuji", "Mount Fuji", None), ("lake", "behind a lake", "Mount Fuji")]),
     ("the Eiffel Tower in Paris",
@@ -126,8 +127,8 @@ END_TO_END = [
     # words of a noun-less segment join nothing, not a noun in another segment
     ("a red car, highly detailed, 8k", [("car", "a red car", None)]),
     # comma-separated tag lists: every segment is its own top-level group
-    # ("solo" is an interjection to the tagger, so it heads nothing); quality and style tags
-    # ("masterpiece", "best quality") name no depicted object and give no phrase
+    # quality, style and booru tags ("masterpiece", "best quality", "solo") name no depicted
+    # object and give no phrase
     ("masterpiece, best quality, 1girl, solo, long hair",
      [("1girl", "1girl", None), ("hair", "long hair", None)]),
     ("masterpiece, best quality, 1girl, solo, long hair, looking at viewer",
@@ -139,7 +140,7 @@ END_TO_END = [
     ("cyberpunk city street at night, neon signs, rain",
      [("cyberpunk city street", "cyberpunk city street", None),
       ("night", "at night", "cyberpunk city street"),
-      ("signs", "neon signs", None), ("rain", "rain", None)]),
+      ("neon signs", "neon signs", None), ("rain", "rain", None)]),
     # a noun-less segment that opens a noun phrase belongs to the next one
     ("a red, shiny apple", [("apple", "a red, shiny apple", None)]),
     # sentences split like commas
@@ -485,7 +486,9 @@ def _read_conllu(path: Path, limit: int) -> list[list[tuple[str, str]]]:
 
 
 @pytest.mark.skipif(not UD_TEST.is_file(), reason="shared UD English EWT test split not present")
-@pytest.mark.parametrize(("lowercase", "floor"), [(False, 0.945), (True, 0.935)])
+# Measured with the shipped tagger on these 13,145 tokens: 96.28 % cased, 95.69 % lower-cased;
+# each floor is about three standard errors (0.17 points) below.
+@pytest.mark.parametrize(("lowercase", "floor"), [(False, 0.957), (True, 0.951)])
 def test_shipped_tagger_accuracy_on_ud_test(lowercase, floor):
     tagger = load_tagger()
     correct = total = 0

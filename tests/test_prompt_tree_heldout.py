@@ -45,11 +45,11 @@ class FixedTagger:
 # still gets a non-zero margin: a change that loses more than chance on that many labels fails.
 # Re-measure and update these after changing the parser or the tagger.
 MEASURED = {
-    ("dev", "objects"): (1350, 1350), ("dev", "binding"): (712, 712),
+    ("dev", "objects"): (1347, 1350), ("dev", "binding"): (709, 712),
     ("dev", "relations"): (219, 219),
-    ("heldout", "objects"): (6039, 6066), ("heldout", "binding"): (3932, 3954),
-    ("heldout", "relations"): (875, 880),
-    ("sealed", "objects"): (676, 694), ("sealed", "binding"): (356, 362),
+    ("heldout", "objects"): (6040, 6066), ("heldout", "binding"): (3932, 3954),
+    ("heldout", "relations"): (876, 880),
+    ("sealed", "objects"): (674, 694), ("sealed", "binding"): (352, 362),
     ("sealed", "relations"): (154, 168),
 }
 SETS = {"dev": labels.DEV_SET, "heldout": labels.HELDOUT_SET, "sealed": labels.SEALED_SET}
@@ -155,7 +155,7 @@ GENERAL_RULES = [
     # generator syntax is no words: emphasis brackets, attention weights, camera settings and
     # "--" parameters (a spaced "--" is a dash and still splits)
     ("(a red fox:1.3) in a [snowy forest], f/1.8, 16:9 --ar 16:9 --v 5",
-     [("fox", "a red fox", None), ("snowy forest", "in a snowy forest", "fox")]),
+     [("fox", "a red fox", None), ("forest", "in a snowy forest", "fox")]),
     ("a cat -- a dog", [("cat", "a cat", None), ("dog", "a dog", None)]),
     ("close up portrait photo of a woman", [("woman", "a woman", None)]),
     # capitals, framing and trailing style tags

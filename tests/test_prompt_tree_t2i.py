@@ -8,13 +8,15 @@ Expected phrases follow the rules in ``prompt_tree``'s docstring, worked out by 
 from __future__ import annotations
 
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from grefine_hooks.scoring import prompt_tree
-from grefine_hooks.scoring.prompt_tree import parse_prompt
+from grefine_hooks.scoring.prompt_tree import load_word_lexicon, parse_prompt
 from grefine_hooks.scoring.upos_tagger import TwoPassTagger
+from grefine_hooks.scoring.word_lexicon import WordLexicon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data" / "t2i"))
 import labels  # noqa: E402
@@ -210,17 +212,60 @@ def test_tag_repair_rules(prompt, nouns, expected):
 
 def test_tagger_file_of_another_format_is_a_value_error():
     with pytest.raises(ValueError, match="format"):
-        TwoPassTagger.from_json('{"format": "something else"}')
+        TwoPassTagger.from_json('{"format": "something else"}', load_word_lexicon())
     with pytest.raises(ValueError, match="format"):
-        TwoPassTagger.from_json("[1, 2]")
+        TwoPassTagger.from_json("[1, 2]", load_word_lexicon())
 
 
 def test_tagger_round_trips_through_json():
     sentences = [[("a", "DET"), ("red", "ADJ"), ("cup", "NOUN")],
                  [("the", "DET"), ("dog", "NOUN"), ("runs", "VERB")]] * 30
-    tagger = TwoPassTagger.train(sentences, iterations=2, folds=2, log=lambda *_: None)
-    again = TwoPassTagger.from_json(tagger.to_json())
+    tagger = TwoPassTagger.train(sentences, load_word_lexicon(), iterations=2, folds=2,
+                                 log=lambda *_: None)
+    again = TwoPassTagger.from_json(tagger.to_json(), load_word_lexicon())
     assert again.to_json() == tagger.to_json()
     assert again.tag(["the", "red", "dog"]) == tagger.tag(["the", "red", "dog"])
     assert [t for _, t in again.tag(["a", "red", "cup"])] == ["DET", "ADJ", "NOUN"]
     assert again.noun_reading("cup") and not again.noun_reading("runs")
+
+
+def test_tagger_file_trained_with_another_word_lexicon_is_refused():
+    shipped = (resources.files("grefine_hooks") / "data" / prompt_tree.MODEL_FILE).read_text(encoding="utf-8")
+    other = WordLexicon(dict(load_word_lexicon().lines), "sha256:0123456789abcdef")
+    with pytest.raises(ValueError, match="word lexicon"):
+        TwoPassTagger.from_json(shipped, other)
+
+
+# ------------------------------------------------------------------- the word lexicon
+
+
+def test_word_lexicon_reads_the_usual_capitalisation_whatever_the_prompt_writes():
+    lexicon = load_word_lexicon()
+    # a name stays a name in a lower-cased prompt; a common word stays common when capitalised
+    for word in ("paris", "Paris", "PARIS", "john"):
+        assert lexicon.case_class(word) in ("caponly", "r1", "r2", "r3", "r4"), word
+    for word in ("table", "Table", "the"):
+        assert lexicon.case_class(word) in ("lowonly", "r-1", "r-2", "r-3", "r-4"), word
+    assert lexicon.features("paris") == lexicon.features("PARIS")
+    assert "wn nv" in lexicon.features("Table")  # "to table a motion"
+    assert "wn a" in lexicon.features("happy")
+
+
+def test_word_lexicon_cluster_follows_the_written_case():
+    lexicon = load_word_lexicon()
+    facts = lexicon.get("apple")
+    assert facts.cluster and facts.cluster_capitalised and facts.cluster != facts.cluster_capitalised
+    assert lexicon.cluster("apple") == facts.cluster
+    assert lexicon.cluster("Apple") == facts.cluster_capitalised
+    # the treebank never needs a cluster of every word: an unknown one has none, and no facts
+    assert lexicon.cluster("qzxvkplm") == "none"
+    assert lexicon.features("qzxvkplm") == ["fq 15", "cr none", "wn -"]
+
+
+def test_word_lexicon_and_its_licences_ship_in_the_package():
+    data = resources.files("grefine_hooks") / "data"
+    assert (data / prompt_tree.LEXICON_FILE).is_file()
+    assert "ExplosionAI" in (data / "LICENSE-spacy-lookups-data").read_text(encoding="utf-8")
+    assert "WordNet 3.0 Copyright 2006 by Princeton University" in (
+        data / "LICENSE-wordnet").read_text(encoding="utf-8")
+    assert len(load_word_lexicon().lines) > 200_000

@@ -63,6 +63,7 @@ from nltk.tokenize import NLTKWordTokenizer
 from nltk.tree import Tree
 
 from .upos_tagger import TwoPassTagger
+from .word_lexicon import WordLexicon
 
 __all__ = [
     "NOUN_TAGS",
@@ -79,6 +80,7 @@ __all__ = [
 NOUN_TAGS = frozenset({"NOUN", "PROPN"})
 
 MODEL_FILE = "upos_tagger_ud_ewt.json"
+LEXICON_FILE = "word_lexicon.tsv.gz"
 COMPOUNDS_FILE = "compound_nouns.txt"
 VOCABULARY_FILE = "object_compounds.txt"
 _NLTK_TAGGER_RESOURCE = "taggers/averaged_perceptron_tagger_eng/"
@@ -236,6 +238,7 @@ _STYLE_NOUNS = frozenset({
     "trending", "deviantart", "pixiv", "behance", "cgsociety", "unsplash", "artstation", "dof",
     "depth", "raytracing", "ray", "tracing", "vray", "blender", "cinema4d", "c4d", "photoshop", "hour",
     "midjourney", "render", "rendering", "shading", "lens", "aperture", "exposure",
+    "solo", "highres", "absurdres", "lowres",  # booru tags for the picture, not for a thing in it
 })
 # Segment openings that credit an artist or a style ("by greg rutkowski", "in the style of
 # van gogh"): the rest of such a segment names no depicted object.
@@ -345,7 +348,13 @@ def _load_tagger(name: str) -> UposTagger:
     if name == "nltk":
         return _load_nltk_tagger()
     text = (resources.files("grefine_hooks") / "data" / MODEL_FILE).read_text(encoding="utf-8")
-    return TwoPassTagger.from_json(text)  # plain JSON: no pickle, no nltk_data
+    return TwoPassTagger.from_json(text, load_word_lexicon())  # plain JSON: no pickle, no nltk_data
+
+
+@functools.cache
+def load_word_lexicon() -> WordLexicon:
+    """The word lexicon shipped in ``grefine_hooks/data`` that the tagger's features read."""
+    return WordLexicon.load(resources.files("grefine_hooks") / "data" / LEXICON_FILE)
 
 
 def _load_nltk_tagger() -> UposTagger:
@@ -425,7 +434,8 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     number words are counts ("Seven women"); multi-word prepositions ("left of") and spatial
     words before a determiner ("below a") are prepositions; listed compounds are nouns; a past
     tense or participle right after a noun is its verb, not the head of a compound ("a key
-    hidden by a girl", "six fish swam"), and so is "can" when no verb follows it ("a paint can"
+    hidden by a girl", "six fish swam"), an "-ing" form after a form of "be" is a verb ("a man
+    is tinkering with"), and "can" is a noun when no verb follows it ("a paint can"
     is a noun); a colour, material, size or shape word before a noun is an adjective ("a pink
     cake", "a teardrop plum"). Then nouns: the last word of a noun phrase after its
     determiner and adjectives is its noun ("a photo of an orange", "a red sphere on top of"),
@@ -476,6 +486,9 @@ def _repair_tags(words: Sequence[str], tags: list[str],
                    and at(i - 1) in NOUN_TAGS
                    and at(i + 1) in ("ADP", "DET", "CCONJ", "PUNCT", "ADV", None))):
             tags[i] = "VERB"
+        elif (tags[i] in ("NOUN", "PROPN", "ADJ") and i > 0 and lower[i - 1] in _BE_FORMS
+              and _participle(words[i], noun_reading)):
+            tags[i] = "VERB"  # "a man is tinkering with a car": be and an -ing form are one verb
         elif (low == "can" and tags[i] in ("AUX", "VERB") and at(i - 1) in ("DET", "ADJ", *NOUN_TAGS)
               and at(i + 1) not in ("VERB", "AUX", "ADV", "PART", "PRON")):
             tags[i] = "NOUN"

@@ -6,7 +6,9 @@ the lower-case fragments text-to-image prompts are written in. This tagger keeps
 ``AveragedPerceptron`` (the learner, unchanged) and gives it richer features in two passes:
 
 1. left to right, with the two previous tags, the words two either side, affixes up to four
-   letters and the word's shape;
+   letters and the word's shape, and what a large corpus says about the word and its
+   neighbours (:mod:`.word_lexicon`: Brown cluster, usual capitalisation, frequency, WordNet's
+   parts of speech), which is what carries unseen words and lower-cased proper nouns;
 2. again left to right, now also seeing the *following* two tags as pass 1 guessed them.
 
 Pass 2 is trained on pass-1 guesses made by models that did not see the sentence
@@ -23,13 +25,15 @@ from collections.abc import Iterable, Sequence
 
 from nltk.tag.perceptron import AveragedPerceptron
 
+from .word_lexicon import WordLexicon
+
 __all__ = ["TwoPassTagger"]
 
 TaggedSentence = Sequence[tuple[str, str]]
 
 _START = ("-START-", "-START2-")
 _END = ("-END-", "-END2-")
-FORMAT = "grefine-upos-two-pass/1"
+FORMAT = "grefine-upos-two-pass/2"
 
 
 def _shape(word: str) -> str:
@@ -51,9 +55,11 @@ def _norm(word: str) -> str:
     return low
 
 
-def _word_features(words: Sequence[str]) -> list[list[str]]:
+def _word_features(words: Sequence[str], word_lexicon: WordLexicon) -> list[list[str]]:
     """The features of every position that do not depend on tags (computed once per sentence)."""
     low = [_norm(w) for w in words]
+    clusters = ["S", *(word_lexicon.cluster(w) for w in words), "E"]
+    facts = [["S"], *(word_lexicon.features(w) for w in words), ["E"]]
     ctx = list(_START) + low + list(_END)
     feats = []
     for i, word in enumerate(words):
@@ -73,6 +79,11 @@ def _word_features(words: Sequence[str]) -> list[list[str]]:
             f.append("cap first" if i == 0 else "cap")
         if "-" in word:
             f.append("hyphen")
+        c, left, right = clusters[i + 1], clusters[i], clusters[i + 2]
+        f += ["c4 " + c[:4], "c6 " + c[:6], "c10 " + c[:10], "c " + c,
+              "c-1 " + left[:6], "c+1 " + right[:6], "c-1 " + left, "c+1 " + right]
+        f += facts[i + 1]
+        f += ["L-1 " + x for x in facts[i][:3]] + ["L+1 " + x for x in facts[i + 2][:3]]
         feats.append(f)
     return feats
 
@@ -106,11 +117,12 @@ def _features_dict(feats: list[str]) -> dict[str, int]:
 class TwoPassTagger:
     """UPOS tagger: ``tag(words) -> [(word, tag), ...]``, nltk's tagger interface."""
 
-    def __init__(self, first: AveragedPerceptron, second: AveragedPerceptron,
-                 tagdict: dict[str, str], lexicon: dict[str, dict[str, int]] | None = None) -> None:
+    def __init__(self, first: AveragedPerceptron, second: AveragedPerceptron, tagdict: dict[str, str],
+                 word_lexicon: WordLexicon, lexicon: dict[str, dict[str, int]] | None = None) -> None:
         self.first = first
         self.second = second
         self.tagdict = tagdict
+        self.word_lexicon = word_lexicon
         #: lower-cased word -> {UPOS: count} in the training data, for NOUN/VERB/ADJ readings:
         #: lets the prompt tree ask whether a word the tagger read as a verb is usually a noun.
         self.lexicon = lexicon or {}
@@ -130,7 +142,7 @@ class TwoPassTagger:
 
     def _pass(self, model: AveragedPerceptron, words: Sequence[str],
               right: Sequence[str] | None) -> list[str]:
-        base = _word_features(words)
+        base = _word_features(words, self.word_lexicon)
         left = list(_START)
         for i, word in enumerate(words):
             tag = self.tagdict.get(word)
@@ -142,8 +154,8 @@ class TwoPassTagger:
     # -------------------------------------------------------------- training
 
     @classmethod
-    def train(cls, sentences: Sequence[TaggedSentence], iterations: int = 8, folds: int = 4,
-              seed: int = 1234, log=print) -> TwoPassTagger:
+    def train(cls, sentences: Sequence[TaggedSentence], word_lexicon: WordLexicon, iterations: int = 8,
+              folds: int = 4, seed: int = 1234, log=print) -> TwoPassTagger:
         """Train both passes; pass 2 learns from jackknifed pass-1 guesses (``folds`` of them)."""
         sentences = [list(s) for s in sentences]
         tagdict = _make_tagdict(sentences)
@@ -151,7 +163,7 @@ class TwoPassTagger:
         rng = random.Random(seed)
 
         log(f"pass 1 on all {len(sentences)} sentences")
-        first = _train_pass(sentences, None, tagdict, classes, iterations, rng, log)
+        first = _train_pass(sentences, None, tagdict, word_lexicon, classes, iterations, rng, log)
         guesses: list[list[str] | None] = [None] * len(sentences)
         order = list(range(len(sentences)))
         rng.shuffle(order)
@@ -159,13 +171,13 @@ class TwoPassTagger:
             held = set(order[k::folds])
             log(f"jackknife fold {k + 1}/{folds}")
             model = _train_pass([s for n, s in enumerate(sentences) if n not in held], None,
-                                tagdict, classes, iterations, rng, log)
-            tagger = cls(model, model, tagdict)
+                                tagdict, word_lexicon, classes, iterations, rng, log)
+            tagger = cls(model, model, tagdict, word_lexicon)
             for n in held:
                 guesses[n] = tagger._pass(model, [w for w, _ in sentences[n]], None)
         log("pass 2")
-        second = _train_pass(sentences, guesses, tagdict, classes, iterations, rng, log)
-        return cls(first, second, tagdict, make_lexicon(sentences))
+        second = _train_pass(sentences, guesses, tagdict, word_lexicon, classes, iterations, rng, log)
+        return cls(first, second, tagdict, word_lexicon, make_lexicon(sentences))
 
     # ---------------------------------------------------------- serialising
 
@@ -176,20 +188,28 @@ class TwoPassTagger:
             "classes": sorted(self.first.classes),
             "tagdict": self.tagdict,
             "lexicon": self.lexicon,
+            "word_lexicon": self.word_lexicon.digest,
             "first": self.first.weights,
             "second": self.second.weights,
         }
         return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> TwoPassTagger:
-        """Rebuild a tagger written by :meth:`to_json`; a file of another format is a ValueError."""
+    def from_json(cls, text: str, word_lexicon: WordLexicon) -> TwoPassTagger:
+        """Rebuild a tagger written by :meth:`to_json`, with the word lexicon it was trained with.
+
+        A file of another format, or a lexicon other than the one the weights were learnt with
+        (its digest differs), is a ValueError: the features would silently mean something else.
+        """
         payload = json.loads(text)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"tagger file: expected format {FORMAT!r}")
+        if payload.get("word_lexicon") != word_lexicon.digest:
+            raise ValueError(f"tagger file: trained with word lexicon {payload.get('word_lexicon')!r}, "
+                             f"given {word_lexicon.digest!r}")
         classes = set(payload["classes"])
         return cls(_model(payload["first"], classes), _model(payload["second"], classes),
-                   payload["tagdict"], payload.get("lexicon"))
+                   payload["tagdict"], word_lexicon, payload.get("lexicon"))
 
     def prune(self, threshold: float) -> int:
         """Drop weights with ``|w| < threshold`` from both passes; return how many went."""
@@ -241,7 +261,7 @@ def _make_tagdict(sentences: Iterable[TaggedSentence], freq: int = 20,
 
 
 def _train_pass(sentences: list[list[tuple[str, str]]], guesses: list[list[str] | None] | None,
-                tagdict: dict[str, str], classes: list[str], iterations: int,
+                tagdict: dict[str, str], word_lexicon: WordLexicon, classes: list[str], iterations: int,
                 rng: random.Random, log) -> AveragedPerceptron:
     model = AveragedPerceptron()
     model.classes = set(classes)
@@ -249,7 +269,7 @@ def _train_pass(sentences: list[list[tuple[str, str]]], guesses: list[list[str] 
     for n, sent in enumerate(sentences):
         words = [w for w, _ in sent]
         right = None if guesses is None else [*guesses[n], *_END]
-        prepared.append((words, [t for _, t in sent], _word_features(words), right))
+        prepared.append((words, [t for _, t in sent], _word_features(words, word_lexicon), right))
     for it in range(iterations):
         correct = total = 0
         for words, tags, base, right in prepared:
