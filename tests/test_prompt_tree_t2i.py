@@ -178,7 +178,8 @@ TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", 
         "dog": "NOUN", "tie": "VERB", "board": "VERB",
         "below": "ADV", "red": "ADJ", "and": "CCONJ", "blue": "ADJ",
         "car": "NOUN", "pink": "NOUN", "left": "NOUN", "of": "ADP", "boy": "NOUN", "kicks": "NOUN",
-        "ball": "NOUN", "near": "PROPN", "tree": "NOUN"}
+        "ball": "NOUN", "near": "PROPN", "tree": "NOUN", "man": "NOUN", "is": "AUX",
+        "tinkering": "NOUN", "with": "ADP", "painting": "NOUN"}
 
 
 @pytest.mark.parametrize(("prompt", "nouns", "expected"), [
@@ -202,6 +203,10 @@ TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", 
     ("a boy kicks a ball", (), [("boy", "a boy", None), ("ball", "kicks a ball", "boy")]),
     # a spatial word between two nouns is a preposition, whatever the tagger said
     ("a car near a tree", (), [("car", "a car", None), ("tree", "near a tree", "car")]),
+    # an -ing form after a form of "be" is a verb, unless the lexicon mostly saw it as a noun
+    ("a man is tinkering with a car", (),
+     [("man", "a man", None), ("car", "is tinkering with a car", "man")]),
+    ("a man is painting", ("painting",), [("man", "a man", None), ("painting", "is painting", "man")]),
 ])
 def test_tag_repair_rules(prompt, nouns, expected):
     assert triples(prompt, tagger=FixedTagger(TAGS, nouns)) == expected
