@@ -179,7 +179,9 @@ TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", 
         "below": "ADV", "red": "ADJ", "and": "CCONJ", "blue": "ADJ",
         "car": "NOUN", "pink": "NOUN", "left": "NOUN", "of": "ADP", "boy": "NOUN", "kicks": "NOUN",
         "ball": "NOUN", "near": "PROPN", "tree": "NOUN", "man": "NOUN", "is": "AUX",
-        "tinkering": "NOUN", "with": "ADP", "painting": "NOUN"}
+        "tinkering": "NOUN", "with": "ADP", "painting": "NOUN", "bird": "NOUN", "flies": "NOUN",
+        "over": "ADP", "lake": "NOUN", "camera": "NOUN", "lens": "NOUN", "table": "NOUN",
+        "apple": "NOUN", "trees": "NOUN", "in": "ADP", "garden": "NOUN"}
 
 
 @pytest.mark.parametrize(("prompt", "nouns", "expected"), [
@@ -207,6 +209,12 @@ TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", 
     ("a man is tinkering with a car", (),
      [("man", "a man", None), ("car", "is tinkering with a car", "man")]),
     ("a man is painting", ("painting",), [("man", "a man", None), ("painting", "is painting", "man")]),
+    # an -s form after a noun that "a" makes singular is its verb, unless mostly a noun
+    ("a bird flies over a lake", (), [("bird", "a bird", None), ("lake", "flies over a lake", "bird")]),
+    ("a camera lens on a table", ("lens",),
+     [("camera lens", "a camera lens", None), ("table", "on a table", "camera lens")]),
+    ("the apple trees in the garden", (),
+     [("apple trees", "the apple trees", None), ("garden", "in the garden", "apple trees")]),
 ])
 def test_tag_repair_rules(prompt, nouns, expected):
     assert triples(prompt, tagger=FixedTagger(TAGS, nouns)) == expected

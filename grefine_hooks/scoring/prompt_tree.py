@@ -163,6 +163,7 @@ _MAX_FRAME_WORDS = 6
 MAX_WORDS = 1000
 MAX_CHARS = 50 * MAX_WORDS
 MAX_SEGMENT_WORDS = 128
+_SINGULAR_DETERMINERS = frozenset({"a", "an", "one", "each", "every", "another"})
 _EXISTENTIAL_BE = frozenset({"is", "are", "was", "were", "'s", "be", "stands", "sits", "lies"})
 # Titles whose full stop belongs to the word: "Mr. Smith" is one name, not two sentences.
 _ABBREVIATIONS = frozenset({
@@ -435,7 +436,8 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     words before a determiner ("below a") are prepositions; listed compounds are nouns; a past
     tense or participle right after a noun is its verb, not the head of a compound ("a key
     hidden by a girl", "six fish swam"), an "-ing" form after a form of "be" is a verb ("a man
-    is tinkering with"), and "can" is a noun when no verb follows it ("a paint can"
+    is tinkering with"), so is an "-s" form after a noun that "a" or "one" makes singular ("a
+    bird flies over"), and "can" is a noun when no verb follows it ("a paint can"
     is a noun); a colour, material, size or shape word before a noun is an adjective ("a pink
     cake", "a teardrop plum"). Then nouns: the last word of a noun phrase after its
     determiner and adjectives is its noun ("a photo of an orange", "a red sphere on top of"),
@@ -469,6 +471,13 @@ def _repair_tags(words: Sequence[str], tags: list[str],
             j -= 1
         return j < 0 or tags[j] in ("DET", "NUM") or tags[j] == "PUNCT" and words[j] in _SEPARATORS
 
+    def singular_np(i: int) -> bool:
+        """Whether the noun phrase word i ends opens with "a", "an", "one", "each" or "every"."""
+        j = i
+        while j >= 0 and tags[j] in ("ADJ", *NOUN_TAGS):
+            j -= 1
+        return j >= 0 and lower[j] in _SINGULAR_DETERMINERS
+
     def attributes() -> None:
         for i, low in enumerate(lower):
             if low in _ATTRIBUTE_WORDS and i not in listed and tags[i] in ("NOUN", "PROPN", "VERB") and (
@@ -489,6 +498,9 @@ def _repair_tags(words: Sequence[str], tags: list[str],
         elif (tags[i] in ("NOUN", "PROPN", "ADJ") and i > 0 and lower[i - 1] in _BE_FORMS
               and _participle(words[i], noun_reading)):
             tags[i] = "VERB"  # "a man is tinkering with a car": be and an -ing form are one verb
+        elif (tags[i] in NOUN_TAGS and at(i - 1) in NOUN_TAGS and _third_person(words[i], noun_reading)
+              and singular_np(i - 1)):
+            tags[i] = "VERB"  # "a bird flies over a lake": "a" asks for one bird, so "flies" is a verb
         elif (low == "can" and tags[i] in ("AUX", "VERB") and at(i - 1) in ("DET", "ADJ", *NOUN_TAGS)
               and at(i + 1) not in ("VERB", "AUX", "ADV", "PART", "PRON")):
             tags[i] = "NOUN"
@@ -521,6 +533,14 @@ def _participle(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
     low = word.lower()
     return (len(low) >= 6 and low.endswith("ing") and noun_reading is not None
             and not noun_reading(word))
+
+
+def _third_person(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
+    """An "-s" form the tagger's data did not see mostly as a noun ("flies", "plays"; not "lens",
+    "series", "drinks"), which after a singular noun can only be its verb."""
+    low = word.lower()
+    return (len(low) >= 4 and low.endswith("s") and not low.endswith(("ss", "us", "is"))
+            and noun_reading is not None and not noun_reading(word))
 
 
 def _past_form(word: str, noun_reading: Callable[[str], bool] | None) -> bool:
