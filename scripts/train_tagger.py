@@ -5,7 +5,10 @@ The prompt parser (``grefine_hooks.scoring.prompt_tree``) needs a part-of-speech
 tagger that works on air-gapped machines, where ``nltk.download`` is impossible.
 This script trains :class:`grefine_hooks.scoring.upos_tagger.TwoPassTagger` (nltk's
 averaged perceptron with richer features, in two passes) on the UPOS column of UD
-English EWT and writes it as one JSON file (no pickle, no nltk_data).
+English EWT's train and dev splits (``--train-only`` leaves dev out, to evaluate on it) and
+writes it as one JSON file (no pickle, no nltk_data). Its features read the word lexicon
+shipped in ``grefine_hooks/data`` (``scripts/build_word_lexicon.py``); the file records
+the lexicon's digest. The shipped file is the defaults':
 
     python scripts/train_tagger.py --treebank /work/shared/data/ud-english-ewt \
         --out grefine_hooks/data
@@ -100,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder with en_ewt-ud-{train,dev,test}.conllu")
     parser.add_argument("--out", type=Path, required=True,
                         help=f"folder to write {MODEL_FILE} into")
-    parser.add_argument("--iterations", type=int, default=6, help="perceptron passes (default 6)")
+    parser.add_argument("--iterations", type=int, default=8, help="perceptron passes (default 8)")
     parser.add_argument("--folds", type=int, default=2,
                         help="jackknife folds for pass 2's training guesses (default 2)")
     parser.add_argument("--seed", type=int, default=1234, help="shuffle and fold seed (default 1234)")
