@@ -137,12 +137,12 @@ class TwoPassTagger:
 
     def tag(self, tokens: list[str]) -> list[tuple[str, str]]:
         """Tag one sentence (a list of words)."""
-        guesses = self._pass(self.first, tokens, None)
-        return list(zip(tokens, self._pass(self.second, tokens, [*guesses, *_END])))
+        base = _word_features(tokens, self.word_lexicon)  # shared by both passes
+        guesses = self._pass(self.first, tokens, base, None)
+        return list(zip(tokens, self._pass(self.second, tokens, base, [*guesses, *_END])))
 
-    def _pass(self, model: AveragedPerceptron, words: Sequence[str],
+    def _pass(self, model: AveragedPerceptron, words: Sequence[str], base: list[list[str]],
               right: Sequence[str] | None) -> list[str]:
-        base = _word_features(words, self.word_lexicon)
         left = list(_START)
         for i, word in enumerate(words):
             tag = self.tagdict.get(word)
@@ -174,7 +174,8 @@ class TwoPassTagger:
                                 tagdict, word_lexicon, classes, iterations, rng, log)
             tagger = cls(model, model, tagdict, word_lexicon)
             for n in held:
-                guesses[n] = tagger._pass(model, [w for w, _ in sentences[n]], None)
+                words = [w for w, _ in sentences[n]]
+                guesses[n] = tagger._pass(model, words, _word_features(words, word_lexicon), None)
         log("pass 2")
         second = _train_pass(sentences, guesses, tagdict, word_lexicon, classes, iterations, rng, log)
         return cls(first, second, tagdict, word_lexicon, make_lexicon(sentences))

@@ -30,6 +30,19 @@ class WordFacts(NamedTuple):
     logp_upper: float | None
     wordnet: str  #: WordNet's parts of speech: letters of "anrv"
 
+    @property
+    def case_class(self) -> str:
+        """How the corpus writes the word: only Capitalised, only lower-case, or the log-ratio of
+        Capitalised to lower-case (clipped to +-4). Unchanged by lower-casing the prompt."""
+        low, cap = self.logp_lower, self.logp_capitalised
+        if low is None and cap is None:
+            return "none"
+        if low is None:
+            return "caponly"
+        if cap is None:
+            return "lowonly"
+        return f"r{max(-4, min(4, round(cap - low)))}"
+
 
 _NOTHING = WordFacts("", "", None, None, None, "")
 
@@ -42,8 +55,8 @@ class WordLexicon:
     """Lower-cased word -> :class:`WordFacts`, and the tagger features they give."""
 
     def __init__(self, lines: dict[str, str], digest: str) -> None:
-        #: lower-cased word -> the rest of its line, parsed when asked (a third of the memory of
-        #: 210,000 parsed tuples, and loading is one split per line)
+        #: lower-cased word -> the rest of its line, parsed when asked (loading is one split per
+        #: line, and most words are never asked for)
         self.lines = lines
         #: sha256 of the lexicon's text: a tagger file names the lexicon its weights were learnt with
         self.digest = digest
@@ -74,17 +87,8 @@ class WordLexicon:
         return facts.cluster or facts.cluster_capitalised or "none"
 
     def case_class(self, word: str) -> str:
-        """How the corpus writes the word: only Capitalised, only lower-case, or the log-ratio of
-        Capitalised to lower-case (clipped to +-4). Unchanged by lower-casing the prompt."""
-        facts = self.get(word)
-        low, cap = facts.logp_lower, facts.logp_capitalised
-        if low is None and cap is None:
-            return "none"
-        if low is None:
-            return "caponly"
-        if cap is None:
-            return "lowonly"
-        return f"r{max(-4, min(4, round(cap - low)))}"
+        """:attr:`WordFacts.case_class` of ``word``."""
+        return self.get(word).case_class
 
     def features(self, word: str) -> list[str]:
         """The tagger's features of one word (the same in any case; cached: prompts repeat words)."""
@@ -94,7 +98,7 @@ class WordLexicon:
             return cached
         facts = self.get(word)
         logps = [p for p in (facts.logp_lower, facts.logp_capitalised, facts.logp_upper) if p is not None]
-        out = [f"fq {int(-max(logps, default=-30.0) // 2)}", "cr " + self.case_class(word),
+        out = [f"fq {int(-max(logps, default=-30.0) // 2)}", "cr " + facts.case_class,
                "wn " + (facts.wordnet or "-")]
         if facts.logp_upper is not None and (facts.logp_lower is None or facts.logp_upper > facts.logp_lower):
             out.append("upper dom")
