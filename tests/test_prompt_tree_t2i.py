@@ -244,7 +244,7 @@ def test_tagger_round_trips_through_json():
 
 def test_tagger_file_trained_with_another_word_lexicon_is_refused():
     shipped = (resources.files("grefine_hooks") / "data" / prompt_tree.MODEL_FILE).read_text(encoding="utf-8")
-    other = WordLexicon(dict(load_word_lexicon().lines), "sha256:0123456789abcdef")
+    other = WordLexicon(load_word_lexicon().lines, "sha256:0123456789abcdef")
     with pytest.raises(ValueError, match="word lexicon"):
         TwoPassTagger.from_json(shipped, other)
 

@@ -472,7 +472,7 @@ def _repair_tags(words: Sequence[str], tags: list[str],
         return j < 0 or tags[j] in ("DET", "NUM") or tags[j] == "PUNCT" and words[j] in _SEPARATORS
 
     def singular_np(i: int) -> bool:
-        """Whether the noun phrase word i ends opens with "a", "an", "one", "each" or "every"."""
+        """Whether the noun phrase that ends at word i opens with a singular determiner ("a")."""
         j = i
         while j >= 0 and tags[j] in ("ADJ", *NOUN_TAGS):
             j -= 1
