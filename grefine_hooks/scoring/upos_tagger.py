@@ -99,15 +99,20 @@ def _tag_features(base: list[str], i: int, w: str, left: Sequence[str],
     return f
 
 
-def _best(model: AveragedPerceptron, features: list[str]) -> str:
-    """``model.predict`` without its dict of feature values and its confidence: the same tag
-    (highest score over all classes, ties by name), and tagging a prompt is mostly this loop."""
+def _scores(model: AveragedPerceptron, features: list[str]) -> dict[str, float]:
+    """Every class's score (a class no feature votes for is missing: 0). Tagging a prompt is
+    mostly this loop: ``model.predict`` without its dict of feature values."""
     scores: dict[str, float] = defaultdict(float)
     weights = model.weights
     for feature in features:
         for tag, weight in weights.get(feature, {}).items():
             scores[tag] += weight
-    return max(model.classes, key=lambda tag: (scores[tag], tag))
+    return scores
+
+
+def _best(model: AveragedPerceptron, scores: dict[str, float]) -> str:
+    """``model.predict``'s tag: the highest score over all classes, ties by name."""
+    return max(model.classes, key=lambda tag: (scores.get(tag, 0.0), tag))
 
 
 def _features_dict(feats: list[str]) -> dict[str, int]:
@@ -137,17 +142,27 @@ class TwoPassTagger:
 
     def tag(self, tokens: list[str]) -> list[tuple[str, str]]:
         """Tag one sentence (a list of words)."""
+        return list(zip(tokens, self.tag_scores(tokens)[0]))
+
+    def tag_scores(self, tokens: Sequence[str]) -> tuple[list[str], list[dict[str, float] | None]]:
+        """The tags of one sentence, and pass 2's score of every class for each word (None for a
+        word the tag dictionary settles): what an ensemble weighs against other taggers."""
         base = _word_features(tokens, self.word_lexicon)  # shared by both passes
         guesses = self._pass(self.first, tokens, base, None)
-        return list(zip(tokens, self._pass(self.second, tokens, base, [*guesses, *_END])))
+        scores: list[dict[str, float] | None] = []
+        return self._pass(self.second, tokens, base, [*guesses, *_END], scores), scores
 
     def _pass(self, model: AveragedPerceptron, words: Sequence[str], base: list[list[str]],
-              right: Sequence[str] | None) -> list[str]:
+              right: Sequence[str] | None, scores_out: list[dict[str, float] | None] | None = None) -> list[str]:
         left = list(_START)
         for i, word in enumerate(words):
             tag = self.tagdict.get(word)
+            scores = None
             if tag is None:
-                tag = _best(model, _tag_features(base[i], i, _norm(word), left, right))
+                scores = _scores(model, _tag_features(base[i], i, _norm(word), left, right))
+                tag = _best(model, scores)
+            if scores_out is not None:
+                scores_out.append(scores)
             left.append(tag)
         return left[2:]
 
