@@ -486,9 +486,9 @@ def _read_conllu(path: Path, limit: int) -> list[list[tuple[str, str]]]:
 
 
 @pytest.mark.skipif(not UD_TEST.is_file(), reason="shared UD English EWT test split not present")
-# Measured with the shipped tagger on these 13,145 tokens: 96.28 % cased, 95.69 % lower-cased;
-# each floor is about three standard errors (0.17 points) below.
-@pytest.mark.parametrize(("lowercase", "floor"), [(False, 0.957), (True, 0.951)])
+# Measured with the shipped tagger on these 13,145 tokens: 96.74 % cased, 96.26 % lower-cased;
+# each floor is about three standard errors (0.17 points each) below.
+@pytest.mark.parametrize(("lowercase", "floor"), [(False, 0.962), (True, 0.957)])
 def test_shipped_tagger_accuracy_on_ud_test(lowercase, floor):
     tagger = load_tagger()
     correct = total = 0

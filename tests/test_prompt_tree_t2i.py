@@ -181,7 +181,8 @@ TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", 
         "ball": "NOUN", "near": "PROPN", "tree": "NOUN", "man": "NOUN", "is": "AUX",
         "tinkering": "NOUN", "with": "ADP", "painting": "NOUN", "bird": "NOUN", "flies": "NOUN",
         "over": "ADP", "lake": "NOUN", "camera": "NOUN", "lens": "NOUN", "table": "NOUN",
-        "apple": "NOUN", "trees": "NOUN", "in": "ADP", "garden": "NOUN"}
+        "apple": "NOUN", "trees": "NOUN", "in": "ADP", "garden": "NOUN", "that": "SCONJ", "chasing": "VERB",
+        "so": "ADV", "big": "ADJ", "it": "PRON", "fills": "VERB", "frame": "NOUN"}
 
 
 @pytest.mark.parametrize(("prompt", "nouns", "expected"), [
@@ -215,6 +216,12 @@ TAGS = {"a": "DET", "an": "DET", "the": "DET", "orange": "ADJ", "stop": "VERB", 
      [("camera lens", "a camera lens", None), ("table", "on a table", "camera lens")]),
     ("the apple trees in the garden", (),
      [("apple trees", "the apple trees", None), ("garden", "in the garden", "apple trees")]),
+    # "that" after a noun opens a relative clause: it joins the clause's phrase, read as SCONJ or not
+    ("a ball that a dog is chasing", (),
+     [("ball", "a ball", None), ("dog", "that a dog is chasing", "ball")]),
+    # ... and only there: after an adjective it stays a link word, in no phrase
+    ("a ball so big that it fills the frame", (),
+     [("ball", "a ball so big it", None), ("frame", "fills the frame", None)]),
 ])
 def test_tag_repair_rules(prompt, nouns, expected):
     assert triples(prompt, tagger=FixedTagger(TAGS, nouns)) == expected

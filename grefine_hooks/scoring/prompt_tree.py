@@ -13,8 +13,9 @@ nltk and runs offline:
 
 * tokens come from nltk's regex-based ``NLTKWordTokenizer`` (no punkt data); a full stop
   splits the prompt like a comma, except after a title ("Mr. Smith" stays one name);
-* UPOS tags come from a two-pass perceptron trained in-house on UD English EWT and shipped
-  in ``grefine_hooks/data`` (:mod:`.upos_tagger`, ``TAGGER_NOTICE.md``), or from nltk's own
+* UPOS tags come from taggers trained in-house on UD English EWT and shipped in
+  ``grefine_hooks/data``, a two-pass perceptron and convolutional nets voting
+  (:mod:`.upos_ensemble`, ``TAGGER_NOTICE.md``), or from nltk's own
   English tagger if the user has installed it (``load_tagger("nltk")``); a few rules then
   repair what a treebank tagger gets wrong on prompt fragments (:func:`_repair_tags`);
 * the tree comes from a cascaded ``nltk.RegexpParser`` chunk grammar over UPOS.
@@ -62,6 +63,8 @@ from nltk.tag.perceptron import PerceptronTagger
 from nltk.tokenize import NLTKWordTokenizer
 from nltk.tree import Tree
 
+from .conv_tagger import ConvTagger
+from .upos_ensemble import UposEnsemble
 from .upos_tagger import TwoPassTagger
 from .word_lexicon import WordLexicon
 
@@ -80,6 +83,8 @@ __all__ = [
 NOUN_TAGS = frozenset({"NOUN", "PROPN"})
 
 MODEL_FILE = "upos_tagger_ud_ewt.json"
+CONV_WEIGHTS_FILE = "upos_conv_ud_ewt.safetensors"
+CONV_META_FILE = "upos_conv_ud_ewt.json"
 LEXICON_FILE = "word_lexicon.tsv.gz"
 COMPOUNDS_FILE = "compound_nouns.txt"
 VOCABULARY_FILE = "object_compounds.txt"
@@ -331,8 +336,9 @@ def load_tagger(name: str = "ud-ewt") -> UposTagger:
     """Return a UPOS tagger, loaded once per process and cached.
 
     Args:
-        name (`str`, defaults to `"ud-ewt"`): `"ud-ewt"` is the two-pass perceptron shipped in
-            `grefine_hooks/data` (needs no nltk_data); `"nltk"` is nltk's own
+        name (`str`, defaults to `"ud-ewt"`): `"ud-ewt"` is the tagger shipped in
+            `grefine_hooks/data` (:class:`.upos_ensemble.UposEnsemble`: a two-pass perceptron and
+            convolutional nets voting; needs no nltk_data); `"nltk"` is nltk's own
             `averaged_perceptron_tagger_eng` with its tags mapped to UPOS, usable only
             if the user installed it: this never downloads anything.
 
@@ -348,8 +354,11 @@ def load_tagger(name: str = "ud-ewt") -> UposTagger:
 def _load_tagger(name: str) -> UposTagger:
     if name == "nltk":
         return _load_nltk_tagger()
-    text = (resources.files("grefine_hooks") / "data" / MODEL_FILE).read_text(encoding="utf-8")
-    return TwoPassTagger.from_json(text, load_word_lexicon())  # plain JSON: no pickle, no nltk_data
+    data = resources.files("grefine_hooks") / "data"
+    word_lexicon = load_word_lexicon()
+    # plain JSON and safetensors: no pickle, no nltk_data
+    perceptron = TwoPassTagger.from_json(data.joinpath(MODEL_FILE).read_text(encoding="utf-8"), word_lexicon)
+    return UposEnsemble(perceptron, ConvTagger.load(data / CONV_WEIGHTS_FILE, data / CONV_META_FILE, word_lexicon))
 
 
 @functools.cache
@@ -446,7 +455,9 @@ def _repair_tags(words: Sequence[str], tags: list[str],
     unless a participle ("a running dog"); a verb ending a noun phrase after a noun is a noun
     when the training data mostly saw the word as one (``noun_reading``) or the word before is
     an attribute ("a blue sled"), so "a cat sat on a mat" keeps its verb. Attributes are
-    looked at once more after the nouns are settled ("rubber gloves").
+    looked at once more after the nouns are settled ("rubber gloves"), and "that", "which" or
+    "who" right after a noun is a relative pronoun, never a conjunction ("a ball that a dog is
+    chasing": it belongs to the clause's phrase).
     """
     tags = list(tags)
     n = len(words)
@@ -524,6 +535,9 @@ def _repair_tags(words: Sequence[str], tags: list[str],
             if modifier or head:
                 tags[i] = "NOUN"
     attributes()
+    for i in range(1, n):
+        if lower[i] in _REL_WORDS and tags[i] == "SCONJ" and tags[i - 1] in NOUN_TAGS:
+            tags[i] = "PRON"  # "a ball that a dog is chasing": a relative pronoun, no link word
     return tags
 
 
