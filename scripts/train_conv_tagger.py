@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from train_tagger import lowercased, read_conllu  # scripts/, next to this one
 
 from grefine_hooks.scoring.conv_tagger import (
     UNK,
@@ -54,36 +55,10 @@ WEIGHTS_FILE, VOCAB_FILE = CONV_WEIGHTS_FILE, CONV_META_FILE
 TaggedSentence = list[tuple[str, str]]
 
 
-def read_conllu(path: Path) -> list[TaggedSentence]:
-    """(form, UPOS) sentences; comments, multiword ranges (3-4) and empty nodes (5.1) skipped."""
-    sentences: list[TaggedSentence] = []
-    current: TaggedSentence = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            if current:
-                sentences.append(current)
-                current = []
-            continue
-        if line.startswith("#"):
-            continue
-        cols = line.split("\t")
-        if "-" in cols[0] or "." in cols[0]:
-            continue
-        current.append((cols[1], cols[3]))
-    if current:
-        sentences.append(current)
-    return sentences
-
-
 def read_splits(args: argparse.Namespace) -> list[TaggedSentence]:
     """The training sentences: ``--train-splits`` of ``--treebank``, in order."""
     return [s for split in args.train_splits
             for s in read_conllu(args.treebank / f"en_ewt-ud-{split}.conllu")]
-
-
-def lowercased(sentences: list[TaggedSentence]) -> list[TaggedSentence]:
-    """The same sentences with every word lower-cased (tags unchanged)."""
-    return [[(w.lower(), t) for w, t in s] for s in sentences]
 
 
 def make_vocab(train: list[TaggedSentence], word_lexicon: WordLexicon, min_count: int) -> Vocab:
