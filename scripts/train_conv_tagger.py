@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from train_tagger import lowercased, read_conllu  # scripts/, next to this one
+from train_tagger import TaggedSentence, lowercased, read_conllu  # scripts/, next to this one
 
 from grefine_hooks.scoring.conv_tagger import (
     UNK,
@@ -49,10 +49,6 @@ from grefine_hooks.scoring.conv_tagger import (
 )
 from grefine_hooks.scoring.prompt_tree import CONV_META_FILE, CONV_WEIGHTS_FILE, load_word_lexicon
 from grefine_hooks.scoring.word_lexicon import WordLexicon
-
-WEIGHTS_FILE, VOCAB_FILE = CONV_WEIGHTS_FILE, CONV_META_FILE
-
-TaggedSentence = list[tuple[str, str]]
 
 
 def read_splits(args: argparse.Namespace) -> list[TaggedSentence]:
@@ -164,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--treebank", type=Path, required=True,
                    help="folder with en_ewt-ud-{train,dev,test}.conllu")
     p.add_argument("--out", type=Path, required=True,
-                   help=f"folder to write {WEIGHTS_FILE} and {VOCAB_FILE} into")
+                   help=f"folder to write {CONV_WEIGHTS_FILE} and {CONV_META_FILE} into")
     p.add_argument("--train-splits", nargs="+", default=["train", "dev"], choices=["train", "dev"])
     p.add_argument("--eval-splits", nargs="*", default=["dev", "test"], choices=["dev", "test"],
                    help="splits to report (those trained on are skipped)")
@@ -214,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
 def write(tagger: ConvTagger, args: argparse.Namespace, evals: dict[str, list[TaggedSentence]]) -> None:
     """Save the tagger, reload it (float16 weights) and report its accuracy as shipped."""
     args.out.mkdir(parents=True, exist_ok=True)
-    tagger.save(args.out / WEIGHTS_FILE, args.out / VOCAB_FILE)
-    shipped = ConvTagger.load(args.out / WEIGHTS_FILE, args.out / VOCAB_FILE, tagger.word_lexicon)
+    tagger.save(args.out / CONV_WEIGHTS_FILE, args.out / CONV_META_FILE)
+    shipped = ConvTagger.load(args.out / CONV_WEIGHTS_FILE, args.out / CONV_META_FILE, tagger.word_lexicon)
     print(report(f"as saved (float16, {len(shipped.nets)} nets)", shipped, evals))
-    size = (args.out / WEIGHTS_FILE).stat().st_size + (args.out / VOCAB_FILE).stat().st_size
-    print(f"wrote {args.out / WEIGHTS_FILE} and {VOCAB_FILE} ({size / 1e6:.2f} MB)")
+    size = (args.out / CONV_WEIGHTS_FILE).stat().st_size + (args.out / CONV_META_FILE).stat().st_size
+    print(f"wrote {args.out / CONV_WEIGHTS_FILE} and {CONV_META_FILE} ({size / 1e6:.2f} MB)")
 
 
 def combine(args: argparse.Namespace, word_lexicon: WordLexicon,
@@ -226,7 +222,7 @@ def combine(args: argparse.Namespace, word_lexicon: WordLexicon,
     """``--combine``: the nets of several saved taggers as one ensemble (same as ``--seeds``
     with all their seeds at once: each net depends only on its seed and the data). Their
     vocabularies must be the one ``--train-splits`` gives: the nets' training data."""
-    parts = [ConvTagger.load(d / WEIGHTS_FILE, d / VOCAB_FILE, word_lexicon) for d in args.combine]
+    parts = [ConvTagger.load(d / CONV_WEIGHTS_FILE, d / CONV_META_FILE, word_lexicon) for d in args.combine]
     first = parts[0]
     if any(p.vocab.to_dict() != first.vocab.to_dict() for p in parts) or first.vocab.to_dict() != (
             make_vocab(read_splits(args), word_lexicon, args.min_count).to_dict()):

@@ -49,8 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ConvTagger", "TaggerNet", "Vocab", "side_keys"]
 
-TaggedSentence = Sequence[tuple[str, str]]
-
 FORMAT = "grefine-upos-conv/2"
 PAD, UNK = 0, 1
 MAX_CHARS = 24  #: characters a word is read with (its first and last 12 if longer)
