@@ -86,10 +86,6 @@ class WordLexicon:
             return facts.cluster_capitalised or facts.cluster or "none"
         return facts.cluster or facts.cluster_capitalised or "none"
 
-    def case_class(self, word: str) -> str:
-        """:attr:`WordFacts.case_class` of ``word``."""
-        return self.get(word).case_class
-
     def features(self, word: str) -> list[str]:
         """The tagger's features of one word (the same in any case; cached: prompts repeat words)."""
         key = word.lower()
