@@ -371,9 +371,7 @@ class ConvTagger:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"tagger file: expected format {FORMAT!r}")
-        if meta.get("word_lexicon") != word_lexicon.digest:
-            raise ValueError(f"tagger file: learnt with word lexicon {meta.get('word_lexicon')!r}, "
-                             f"given {word_lexicon.digest!r}")
+        word_lexicon.check(meta.get("word_lexicon"))
         tensors = load(weights_path.read_bytes())
         nets = []
         for n, config in enumerate(meta["configs"]):

@@ -220,9 +220,7 @@ class TwoPassTagger:
         payload = json.loads(text)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"tagger file: expected format {FORMAT!r}")
-        if payload.get("word_lexicon") != word_lexicon.digest:
-            raise ValueError(f"tagger file: trained with word lexicon {payload.get('word_lexicon')!r}, "
-                             f"given {word_lexicon.digest!r}")
+        word_lexicon.check(payload.get("word_lexicon"))
         classes = set(payload["classes"])
         return cls(_model(payload["first"], classes), _model(payload["second"], classes),
                    payload["tagdict"], word_lexicon, payload.get("lexicon"))

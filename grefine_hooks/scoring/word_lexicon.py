@@ -71,6 +71,12 @@ class WordLexicon:
                      if line and not line.startswith("#"))
         return cls(lines, "sha256:" + hashlib.sha256(data).hexdigest()[:16])
 
+    def check(self, recorded: object) -> None:
+        """Refuse a tagger file whose weights were learnt with another lexicon (``recorded``, the
+        digest the file names): its features would silently mean something else."""
+        if recorded != self.digest:
+            raise ValueError(f"tagger file: learnt with word lexicon {recorded!r}, given {self.digest!r}")
+
     def get(self, word: str) -> WordFacts:
         """The lexicon's facts about ``word`` (any case); nothing known is all empty."""
         line = self.lines.get(word.lower())
